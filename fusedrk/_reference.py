@@ -1,0 +1,295 @@
+"""Backend "jax": a while-loop driver over the whole batch, the tape arrays, the reverse sweep.
+
+Owns: looping and memory movement for the pure-JAX path. The forward loop advances every lane
+by one attempted step per iteration (each lane its own t, h, accept/reject and finished flag,
+exactly what ``jax.vmap(diffrax.diffeqsolve)`` computes) and, when a gradient will be taken,
+writes the start state, k_1..k_6, the step's interval and an accepted flag of every iteration
+into preallocated tape arrays. The reverse loop walks those rows backwards once.
+
+Must not: contain step algebra (that is ``_step.py``), validate user input or know about
+pytrees of the user's state (that is ``_solve.py``). States here are tuples of [B, ...] leaves.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from . import _step
+from ._tableau import NUM_STAGES
+
+# Result codes, shared with the public RESULTS in _solve.py. 1 is diffrax's max_steps_reached.
+SUCCESSFUL = 0
+MAX_STEPS_REACHED = 1
+NONFINITE = 2
+
+# Rows of k stored per iteration: k_7 is never needed by the reverse sweep (see _step).
+TAPE_STAGES = NUM_STAGES - 1
+
+
+class Config(NamedTuple):
+    """Static description of one solve (hashable; no arrays)."""
+
+    adaptive: bool
+    save_ts: bool  # True: save at ts; False: save y(t1) only
+    rows: int  # loop bound and tape length: max_steps, or fewer for known fixed steps
+
+
+class Times(NamedTuple):
+    """Internal (direction-normalised, increasing) times of a solve; arrays."""
+
+    direction: jax.Array  # +1 or -1
+    t_start: jax.Array  # scalar
+    t_end: jax.Array  # scalar
+    dt0: jax.Array  # scalar first step; ignored when adaptive and chosen automatically
+    choose_dt0: bool
+    ts: jax.Array  # [T] save times (or [1] holding t_end)
+    rtol: jax.Array
+    atol: jax.Array
+
+
+class Tape(NamedTuple):
+    y: tuple  # leaves [rows, B, ...]: start state of each iteration
+    k: tuple  # leaves [rows, TAPE_STAGES, B, ...]
+    tprev: jax.Array  # [rows, B]
+    tnext: jax.Array  # [rows, B]
+    accepted: jax.Array  # [rows, B] bool: an accepted step of a still-running lane
+
+
+class Forward(NamedTuple):
+    ys: tuple  # leaves [B, T, ...]
+    num_accepted: jax.Array  # [B]
+    num_rejected: jax.Array  # [B]
+    result: jax.Array  # [B]
+    save_iter: jax.Array  # [B, T]: iteration that produced each save, -1 if none
+    num_iters: jax.Array  # scalar: iterations the loop ran
+    tape: Optional[Tape]
+
+
+def _batch(state: tuple) -> int:
+    return state[0].shape[0]
+
+
+def forward(config: Config, field, times: Times, y0: tuple, *, with_tape: bool) -> Forward:
+    """Integrate every lane; ``field(t [B], y) -> f`` takes internal times."""
+    B = _batch(y0)
+    T = times.ts.shape[0]
+    tdtype = times.t_start.dtype
+    t_start = jnp.full((B,), times.t_start, tdtype)
+    t_end = times.t_end
+    t_end_floor = t_end
+    for _ in range(100):
+        t_end_floor = _step.prev_before(t_end_floor)
+
+    # The field at the start point: the first step's FSAL stage (diffrax evaluates it in the
+    # first step for every lane).
+    f0 = field(t_start, y0)
+    if config.adaptive and times.choose_dt0:
+        dt0 = lax.stop_gradient(_step.initial_step(field, t_start, y0, f0, times.rtol, times.atol))
+    else:
+        dt0 = jnp.full((B,), times.dt0, tdtype)
+    tnext = jnp.minimum(t_start + dt0, t_end)
+    num_fixed_steps = None if config.adaptive else _step.constant_num_steps(times.t_start, t_end, times.dt0)
+
+    ys = tuple(jnp.full((B, T) + y.shape[1:], jnp.inf, y.dtype) for y in y0)
+    save_iter = jnp.full((B, T), -1, jnp.int32)
+    zeros_b = jnp.zeros((B,), jnp.int32)
+    tape = None
+    if with_tape:
+        rows = config.rows
+        tape = Tape(
+            y=tuple(jnp.zeros((rows,) + y.shape, y.dtype) for y in y0),
+            k=tuple(jnp.zeros((rows, TAPE_STAGES) + y.shape, y.dtype) for y in y0),
+            tprev=jnp.zeros((rows, B), tdtype),
+            tnext=jnp.zeros((rows, B), tdtype),
+            accepted=jnp.zeros((rows, B), jnp.bool_),
+        )
+    carry = dict(
+        n=jnp.int32(0),
+        tprev=t_start,
+        tnext=tnext,
+        y=y0,
+        f=f0,
+        num_accepted=zeros_b,
+        num_rejected=zeros_b,
+        result=zeros_b,
+        save_index=zeros_b,
+        ys=ys,
+        save_iter=save_iter,
+        tape=tape,
+    )
+
+    def running(c):
+        return (c["tprev"] < t_end) & (c["result"] == SUCCESSFUL)
+
+    def cond(c):
+        return (c["n"] < config.rows) & jnp.any(running(c))
+
+    def body(c):
+        active = running(c)
+        tprev, tnext, y = c["tprev"], c["tnext"], c["y"]
+        control = times.direction * (tnext - tprev)
+        y1, ks, f_end = _step.tsit5_step(field, tprev, tnext, y, c["f"], control)
+        if config.adaptive:
+            error = _step.scaled_error(y, y1, _step.error_estimate(ks), times.rtol, times.atol)
+            keep, next_t0, next_t1 = _step.pid_next_interval(tprev, tnext, error)
+        else:
+            keep = jnp.ones((B,), jnp.bool_)
+            next_t0 = tnext
+            next_t1 = _step.constant_next_end(c["num_accepted"] + 2, num_fixed_steps, times.t_start, t_end)
+        new_tprev = jnp.minimum(next_t0, t_end)
+        new_tnext = _step.clip_to_end(new_tprev, next_t1, t_end, t_end_floor, keep)
+        accept = active & keep
+        bad = (accept & ~_step.all_finite(y1)) | (active & ~jnp.isfinite(new_tnext))
+        out = dict(c)
+        out["n"] = c["n"] + 1
+        out["tprev"] = jnp.where(active, new_tprev, tprev)
+        out["tnext"] = jnp.where(active, new_tnext, tnext)
+        out["y"] = _step.lane_where(accept, y1, y)
+        out["f"] = _step.lane_where(accept, f_end, c["f"])
+        out["num_accepted"] = c["num_accepted"] + accept
+        out["num_rejected"] = c["num_rejected"] + (active & ~keep)
+        out["result"] = jnp.where(bad, NONFINITE, c["result"])
+        if config.save_ts:
+            out["save_index"], out["ys"], out["save_iter"] = _save(
+                c, accept, tprev, tnext, y, ks, times.ts
+            )
+        if with_tape:
+            n = c["n"]
+            t = c["tape"]
+            out["tape"] = Tape(
+                y=tuple(buf.at[n].set(leaf) for buf, leaf in zip(t.y, y)),
+                k=tuple(
+                    buf.at[n].set(jnp.stack([k[i] for k in ks[:TAPE_STAGES]]))
+                    for i, buf in enumerate(t.k)
+                ),
+                tprev=t.tprev.at[n].set(tprev),
+                tnext=t.tnext.at[n].set(tnext),
+                accepted=t.accepted.at[n].set(accept),
+            )
+        return out
+
+    c = lax.while_loop(cond, body, carry)
+    result = jnp.where(running(c), MAX_STEPS_REACHED, c["result"])
+    if config.save_ts:
+        # t0 == t1: the loop never runs and every save time equals t0 (diffrax
+        # _save_if_t0_equals_t1).
+        empty = times.t_start == t_end
+        ys = tuple(jnp.where(empty, jnp.broadcast_to(y[:, None], s.shape), s) for y, s in zip(y0, c["ys"]))
+    else:
+        ys = tuple(y[:, None] for y in c["y"])
+    return Forward(
+        ys=ys,
+        num_accepted=c["num_accepted"],
+        num_rejected=c["num_rejected"],
+        result=result,
+        save_iter=c["save_iter"],
+        num_iters=c["n"],
+        tape=c["tape"],
+    )
+
+
+def _save(c, accept, tprev, tnext, y, ks, ts):
+    """Save every ts[j] not yet saved with ts[j] <= tnext, interpolated inside this step
+    (diffrax _integrate.py ``save_ts_impl``); several saves may fall in one step."""
+    B = accept.shape[0]
+    T = ts.shape[0]
+    lanes = jnp.arange(B)
+
+    def pending(s):
+        index, _, _ = s
+        safe = jnp.minimum(index, T - 1)
+        return accept & (index < T) & (ts[safe] <= tnext)
+
+    def save_one(s):
+        index, ys, save_iter = s
+        mask = pending(s)
+        safe = jnp.minimum(index, T - 1)
+        theta = _step.linear_rescale(tprev, ts[safe], tnext)
+        values = _step.interpolate(theta, y, ks)
+        ys = tuple(
+            buf.at[lanes, safe].set(jnp.where(_step.lane(mask, v), v, buf[lanes, safe]))
+            for buf, v in zip(ys, values)
+        )
+        save_iter = save_iter.at[lanes, safe].set(jnp.where(mask, c["n"], save_iter[lanes, safe]))
+        return index + mask, ys, save_iter
+
+    return lax.while_loop(
+        lambda s: jnp.any(pending(s)), save_one, (c["save_index"], c["ys"], c["save_iter"])
+    )
+
+
+def backward(
+    config: Config, field_vjp, times: Times, y0: tuple, fwd: Forward, ys_bar: tuple, args_bar
+):
+    """One reverse sweep over the tape rows the forward used. Returns (y0_bar, args_bar).
+
+    ``field_vjp(t [B], y, f_bar) -> (y_bar, args_bar)``; ``args_bar`` comes in as zeros shaped
+    like the differentiable arguments and accumulates every stage's contribution.
+    """
+    tape = fwd.tape
+    B = _batch(y0)
+    T = times.ts.shape[0]
+    lanes = jnp.arange(B)
+    zeros = tuple(jnp.zeros_like(y) for y in y0)
+    if config.save_ts:
+        y_bar = zeros
+        pointer = jnp.sum(fwd.save_iter >= 0, axis=1).astype(jnp.int32) - 1
+    else:
+        y_bar = tuple(g[:, 0] for g in ys_bar)
+        pointer = jnp.full((B,), -1, jnp.int32)
+    t_start = jnp.full((B,), times.t_start, times.t_start.dtype)
+
+    def inject_saves(n, tprev, tnext, pointer):
+        """Cotangents of outputs saved in iteration n, walking the save pointer down."""
+
+        def pending(s):
+            p = s[0]
+            return (p >= 0) & (fwd.save_iter[lanes, jnp.maximum(p, 0)] == n)
+
+        def one(s):
+            p, y0_bar, k_bars = s
+            mask = pending(s)
+            safe = jnp.maximum(p, 0)
+            theta = _step.linear_rescale(tprev, times.ts[safe], tnext)
+            g = tuple(jnp.where(_step.lane(mask, b[lanes, safe]), b[lanes, safe], 0) for b in ys_bar)
+            y0_bar, k_bars = _step.interpolate_vjp(theta, g, y0_bar, k_bars)
+            return p - mask, y0_bar, k_bars
+
+        k_bars = tuple(zeros for _ in range(NUM_STAGES))
+        init = (pointer, zeros, k_bars)
+        if not config.save_ts:
+            return init
+        return lax.while_loop(lambda s: jnp.any(pending(s)), one, init)
+
+    def body(i, c):
+        y_bar, f_bar, args_bar, pointer = c
+        n = fwd.num_iters - 1 - i
+        mask = tape.accepted[n]
+        tprev, tnext = tape.tprev[n], tape.tnext[n]
+        y_start = tuple(buf[n] for buf in tape.y)
+        ks = tuple(tuple(buf[n, s] for buf in tape.k) for s in range(TAPE_STAGES))
+        pointer, y0_bar_saves, k_bars = inject_saves(n, tprev, tnext, pointer)
+        control = times.direction * (tnext - tprev)
+        y0_bar, f0_bar, step_args_bar = _step.tsit5_step_vjp(
+            field_vjp, tprev, tnext, y_start, ks, control, mask, y_bar, f_bar, y0_bar_saves, k_bars
+        )
+        y_bar = _step.lane_where(mask, y0_bar, y_bar)
+        f_bar = _step.lane_where(mask, f0_bar, f_bar)
+        args_bar = jax.tree_util.tree_map(jnp.add, args_bar, step_args_bar)
+        return y_bar, f_bar, args_bar, pointer
+
+    y_bar, f_bar, args_bar, _ = lax.fori_loop(
+        0, fwd.num_iters, body, (y_bar, zeros, args_bar, pointer)
+    )
+    # The first step's FSAL stage: the field at the initial point.
+    start_y_bar, start_args_bar = field_vjp(t_start, y0, f_bar)
+    y_bar = tuple(a + b for a, b in zip(y_bar, start_y_bar))
+    args_bar = jax.tree_util.tree_map(jnp.add, args_bar, start_args_bar)
+    if config.save_ts:
+        empty = times.t_start == times.t_end
+        y_bar = tuple(a + jnp.where(empty, jnp.sum(g, axis=1), 0) for a, g in zip(y_bar, ys_bar))
+    return y_bar, args_bar

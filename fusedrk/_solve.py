@@ -1,0 +1,484 @@
+"""solve(): validation, pytree flattening, backend choice, the custom_vjp, Solution.
+
+Owns: the public contract of ../shared/DESIGN.md. Inputs are checked here, before any device
+work, with messages that name the argument; the user's pytrees are flattened into tuples of
+[B, ...] leaves; times are normalised to increase (diffrax's ``direction``); the forward and
+reverse sweeps of a backend are wrapped in one ``jax.custom_vjp`` whose primal runs without a
+tape.
+
+Must not: contain step algebra (``_step.py``) or loops over steps (``_reference.py``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, NamedTuple, Optional
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
+
+from . import _reference
+from ._reference import TAPE_STAGES
+
+
+class RESULTS:
+    """Per-lane result codes of ``Solution.result``."""
+
+    successful = _reference.SUCCESSFUL
+    max_steps_reached = _reference.MAX_STEPS_REACHED  # same code as diffrax
+    nonfinite = _reference.NONFINITE
+
+    messages = {
+        max_steps_reached: "the maximum number of solver steps was reached; raise max_steps",
+        nonfinite: "the state or the step size became non-finite (NaN or inf)",
+    }
+
+
+class Solution(eqx.Module):
+    """What ``solve`` returns; the layout of ``jax.vmap(diffrax.diffeqsolve)``.
+
+    ts: [T] save times (T = 1 for t1 only). ys: pytree like y0, each leaf [B, T, ...].
+    stats: dict of int [B] arrays ``num_steps``, ``num_accepted_steps``,
+    ``num_rejected_steps``. result: int [B], codes in ``fusedrk.RESULTS``.
+    """
+
+    ts: jax.Array
+    ys: Any
+    stats: dict
+    result: jax.Array
+
+
+class _ArgsLayout(NamedTuple):
+    """How the user's ``args`` pytree splits into static leaves and array leaves."""
+
+    treedef: Any
+    static: tuple  # per leaf: the static value, or None for an array leaf
+    diff_index: tuple  # positions of floating-point array leaves (differentiable)
+    nondiff_index: tuple  # positions of other array leaves
+    diff_axes: tuple  # 0 (per lane) or None (shared), per differentiable leaf
+    nondiff_axes: tuple
+
+    def rebuild(self, diff, nondiff):
+        leaves = list(self.static)
+        for i, x in zip(self.diff_index, diff):
+            leaves[i] = x
+        for i, x in zip(self.nondiff_index, nondiff):
+            leaves[i] = x
+        return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+
+class _Axis:
+    """Marks an axis value in a broadcast prefix tree (None must survive flattening)."""
+
+    def __init__(self, axis):
+        self.axis = axis
+
+
+_BACKENDS = ("auto", "jax", "pallas")
+
+
+def solve(
+    vector_field: Callable,
+    y0: Any,
+    t0,
+    t1,
+    *,
+    args: Any = None,
+    args_axes: Any = None,
+    dt0=None,
+    rtol=None,
+    atol=None,
+    ts=None,
+    max_steps: int = 4096,
+    throw: bool = True,
+    backend: str = "auto",
+    interpret: bool = False,
+) -> Solution:
+    """Integrate a batch of ODEs with Tsit5; equal to ``jax.vmap(diffrax.diffeqsolve)``.
+
+    ``vector_field(t, y, args)`` is written for ONE ODE; every leaf of ``y0`` has a leading
+    batch axis B. ``args_axes`` is a ``jax.vmap``-style prefix of ``args``: 0 marks per-lane
+    leaves (leading axis B), None shared ones. ``rtol``/``atol`` None: fixed steps of ``dt0``
+    (diffrax ConstantStepSize); otherwise diffrax's PIDController(rtol, atol) with its
+    defaults, and ``dt0=None`` picks the first step as diffrax does. ``ts``: shared save times
+    (dense output); None saves y(t1) only. ``t1 < t0`` integrates backwards (``dt0 < 0``).
+    Differentiable (reverse mode) with respect to ``y0`` and every float leaf of ``args``.
+    See ../shared/DESIGN.md for the full contract.
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "pallas":
+        raise NotImplementedError(
+            'backend="pallas" (the fused GPU kernels) is not available in this version of '
+            'fusedrk; use backend="jax", which computes the same result on any device.'
+        )
+    del interpret  # only meaningful for the Pallas backend
+    if not isinstance(max_steps, (int, np.integer)) or isinstance(max_steps, bool) or max_steps < 1:
+        raise ValueError(f"max_steps must be a positive int, got {max_steps!r}")
+    if (rtol is None) != (atol is None):
+        raise ValueError(
+            "rtol and atol must be given together (adaptive steps) or both left None (fixed "
+            f"steps of dt0); got rtol={rtol!r}, atol={atol!r}"
+        )
+    adaptive = rtol is not None
+    if not adaptive and dt0 is None:
+        raise ValueError(
+            "fixed steps (rtol=atol=None) need dt0; pass dt0=..., or rtol and atol for "
+            "adaptive steps"
+        )
+
+    y_paths, y_treedef = jax.tree_util.tree_flatten_with_path(y0)
+    if not y_paths:
+        raise ValueError("y0 has no array leaves")
+    y_leaves = []
+    for path, leaf in y_paths:
+        name = "y0" + jax.tree_util.keystr(path)
+        if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+            raise TypeError(f"{name} must be an array with a leading batch axis, got {type(leaf).__name__}")
+        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+            raise TypeError(f"{name} must have a floating-point dtype, got {leaf.dtype}")
+        if leaf.ndim < 1:
+            raise ValueError(f"{name} must have a leading batch axis, got shape {leaf.shape}")
+        y_leaves.append((name, leaf))
+    B = y_leaves[0][1].shape[0]
+    for name, leaf in y_leaves:
+        if leaf.shape[0] != B:
+            raise ValueError(
+                f"every leaf of y0 needs the same leading batch axis: {y_leaves[0][0]} has "
+                f"{B} lanes, {name} has {leaf.shape[0]}"
+            )
+    if B == 0:
+        raise ValueError("y0 has an empty batch axis (B = 0)")
+
+    tdtype = _time_dtype(t0, t1, dt0, ts)
+    for name, value in (("t0", t0), ("t1", t1), ("dt0", dt0)):
+        if value is not None and jnp.ndim(value) != 0:
+            raise ValueError(f"{name} must be a scalar shared by all lanes, got shape {jnp.shape(value)}")
+    t0 = jnp.asarray(t0, tdtype)
+    t1 = jnp.asarray(t1, tdtype)
+    dt0 = None if dt0 is None else jnp.asarray(dt0, tdtype)
+    with jax.numpy_dtype_promotion("standard"):
+        y_flat = tuple(jnp.asarray(leaf, jnp.result_type(leaf, tdtype)) for _, leaf in y_leaves)
+    if ts is not None:
+        ts = jnp.asarray(ts, tdtype)
+        if ts.ndim != 1 or ts.shape[0] == 0:
+            raise ValueError(f"ts must be a non-empty 1-D array of save times, got shape {ts.shape}")
+    if adaptive:
+        rtol = jnp.asarray(rtol)
+        atol = jnp.asarray(atol)
+        for name, tol in (("rtol", rtol), ("atol", atol)):
+            if tol.ndim != 0 or not jnp.issubdtype(tol.dtype, jnp.floating) and not jnp.issubdtype(tol.dtype, jnp.integer):
+                raise ValueError(f"{name} must be a real scalar, got {tol!r}")
+    t0, t1, dt0, ts = _check_times(t0, t1, dt0, ts)
+
+    layout, diff_args, nondiff_args = _split_args(args, args_axes, B)
+    _check_field_output(vector_field, y_treedef, y_flat, layout, diff_args, nondiff_args, tdtype)
+
+    rows = max_steps
+    if not adaptive:
+        known = _concrete_num_fixed_steps(t0, t1, dt0)
+        if known is not None:
+            # One spare row guards against a rounding disagreement with the device.
+            rows = max(1, min(max_steps, known + 1))
+    config = _reference.Config(adaptive=adaptive, save_ts=ts is not None, rows=rows)
+    core = _make_core(vector_field, y_treedef, layout, config, choose_dt0=dt0 is None)
+
+    zero_t = jnp.zeros((), tdtype)
+    ys_flat, num_accepted, num_rejected, result = core(
+        y_flat,
+        diff_args,
+        nondiff_args,
+        t0,
+        t1,
+        zero_t if dt0 is None else dt0,
+        jnp.zeros((1,), tdtype) if ts is None else ts,
+        zero_t if rtol is None else rtol,
+        zero_t if atol is None else atol,
+    )
+    if throw:
+        messages = [RESULTS.messages[code] for code in sorted(RESULTS.messages)]
+        failed = jnp.any(result != RESULTS.successful)
+        which = jnp.maximum(jnp.max(result) - 1, 0)
+        ys_flat = eqx.branched_error_if(
+            ys_flat,
+            failed,
+            which,
+            [f"fusedrk.solve: a lane failed: {m} (pass throw=False to get per-lane codes in "
+             "Solution.result instead)" for m in messages],
+        )
+    stats = {
+        "num_steps": num_accepted + num_rejected,
+        "num_accepted_steps": num_accepted,
+        "num_rejected_steps": num_rejected,
+    }
+    return Solution(
+        ts=t1[None] if ts is None else ts,
+        ys=jax.tree_util.tree_unflatten(y_treedef, list(ys_flat)),
+        stats=stats,
+        result=result,
+    )
+
+
+# ------------------------------------------------------------------------------ validation
+
+
+def _concrete(x) -> Optional[np.ndarray]:
+    """The value of x if known at trace time, else None."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def _time_dtype(t0, t1, dt0, ts):
+    timelikes = [x for x in (t0, t1, dt0, ts) if x is not None]
+    with jax.numpy_dtype_promotion("standard"):
+        dtype = jnp.result_type(*timelikes)
+    if jnp.issubdtype(dtype, jnp.integer):
+        return jnp.result_type(float)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"t0, t1, dt0 and ts must be real numbers, got dtype {dtype}")
+    return dtype
+
+
+def _check_times(t0, t1, dt0, ts):
+    """Concrete problems raise now; traced ones raise at run time (equinox error_if)."""
+    c0, c1 = _concrete(t0), _concrete(t1)
+    if dt0 is not None:
+        bad_sign = "dt0 must have the sign of t1 - t0 (negative to integrate backwards)"
+        zero = "dt0 must be non-zero"
+        cd = _concrete(dt0)
+        if c0 is not None and c1 is not None and cd is not None:
+            if (c1 - c0) * cd < 0:
+                raise ValueError(f"{bad_sign}; got t0={c0}, t1={c1}, dt0={cd}")
+            if cd == 0 and c0 != c1:
+                raise ValueError(f"{zero}; got dt0=0 with t0={c0}, t1={c1}")
+        else:
+            dt0 = eqx.error_if(dt0, (t1 - t0) * dt0 < 0, bad_sign)
+            dt0 = eqx.error_if(dt0, (dt0 == 0) & (t0 != t1), zero)
+    if ts is not None:
+        unsorted = "ts must be sorted in the direction of integration (increasing when t1 > t0)"
+        outside = "ts must lie between t0 and t1"
+        cts = _concrete(ts)
+        if c0 is not None and c1 is not None and cts is not None:
+            direction = 1 if c0 < c1 else -1
+            steps = np.diff(cts * direction)
+            if np.any(steps < 0) or np.any(np.isnan(cts)):
+                raise ValueError(f"{unsorted}; got ts={cts}")
+            lo, hi = min(c0, c1), max(c0, c1)
+            if np.any(cts < lo) or np.any(cts > hi):
+                raise ValueError(f"{outside}; got ts={cts}, t0={c0}, t1={c1}")
+        else:
+            direction = jnp.where(t0 < t1, 1, -1)
+            ts = eqx.error_if(ts, jnp.any(jnp.diff(ts * direction) < 0), unsorted)
+            lo, hi = jnp.minimum(t0, t1), jnp.maximum(t0, t1)
+            ts = eqx.error_if(ts, jnp.any((ts < lo) | (ts > hi)), outside)
+    return t0, t1, dt0, ts
+
+
+def _concrete_num_fixed_steps(t0, t1, dt0) -> Optional[int]:
+    """diffrax's ConstantStepSize step count, when the times are known at trace time."""
+    c0, c1, cd = _concrete(t0), _concrete(t1), _concrete(dt0)
+    if c0 is None or c1 is None or cd is None:
+        return None
+    direction = 1 if c0 < c1 else -1
+    span = c1 * direction - c0 * direction
+    dt = cd * direction
+    if dt == 0:
+        return 0
+    return int(np.ceil(span / np.nextafter(dt, np.inf)))
+
+
+def _split_args(args, args_axes, B):
+    """Split args into static leaves, differentiable (float) and other array leaves."""
+    leaves, treedef = jax.tree_util.tree_flatten(args)
+    axes = _broadcast_axes(args_axes, args, len(leaves))
+    static, diff, nondiff = [], [], []
+    diff_index, nondiff_index, diff_axes, nondiff_axes = [], [], [], []
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(args)[0]]
+    for i, (leaf, axis, path) in enumerate(zip(leaves, axes, paths)):
+        name = "args" + path
+        if axis not in (0, None):
+            raise ValueError(f"args_axes entries must be 0 (per lane) or None (shared); {name} has {axis!r}")
+        if isinstance(leaf, np.ndarray):
+            leaf = jnp.asarray(leaf)
+        if not isinstance(leaf, jax.Array):
+            if axis == 0:
+                raise ValueError(f"{name} is marked per-lane (axis 0) but is not an array: {leaf!r}")
+            static.append(leaf)
+            continue
+        if axis == 0 and (leaf.ndim == 0 or leaf.shape[0] != B):
+            raise ValueError(
+                f"{name} is marked per-lane (axis 0) and needs a leading axis of {B} lanes, "
+                f"got shape {leaf.shape}"
+            )
+        static.append(None)
+        if jnp.issubdtype(leaf.dtype, jnp.inexact):
+            diff_index.append(i)
+            diff_axes.append(axis)
+            diff.append(leaf)
+        else:
+            nondiff_index.append(i)
+            nondiff_axes.append(axis)
+            nondiff.append(leaf)
+    layout = _ArgsLayout(
+        treedef=treedef,
+        static=tuple(static),
+        diff_index=tuple(diff_index),
+        nondiff_index=tuple(nondiff_index),
+        diff_axes=tuple(diff_axes),
+        nondiff_axes=tuple(nondiff_axes),
+    )
+    return layout, list(diff), list(nondiff)
+
+
+def _broadcast_axes(args_axes, args, num_leaves):
+    if args_axes is None or isinstance(args_axes, int):
+        return [args_axes] * num_leaves
+    try:
+        marked = jax.tree_util.tree_map(
+            lambda axis, sub: jax.tree_util.tree_map(lambda _: _Axis(axis), sub),
+            args_axes,
+            args,
+            is_leaf=lambda x: x is None,
+        )
+    except ValueError as e:
+        raise ValueError(f"args_axes must be a prefix of the structure of args: {e}") from None
+    return [m.axis for m in jax.tree_util.tree_leaves(marked, is_leaf=lambda x: isinstance(x, _Axis))]
+
+
+def _lane_struct(x, axis):
+    shape = x.shape[1:] if axis == 0 else x.shape
+    return jax.ShapeDtypeStruct(shape, x.dtype)
+
+
+def _check_field_output(vector_field, y_treedef, y_flat, layout, diff, nondiff, tdtype):
+    """Trace the field on one lane and check it returns the structure and shapes of y."""
+    y_lane = jax.tree_util.tree_unflatten(y_treedef, [jax.ShapeDtypeStruct(y.shape[1:], y.dtype) for y in y_flat])
+    args_lane = layout.rebuild(
+        [_lane_struct(x, a) for x, a in zip(diff, layout.diff_axes)],
+        [_lane_struct(x, a) for x, a in zip(nondiff, layout.nondiff_axes)],
+    )
+    out = jax.eval_shape(lambda t, y, a: vector_field(t, y, a), jax.ShapeDtypeStruct((), tdtype), y_lane, args_lane)
+    out_leaves, out_treedef = jax.tree_util.tree_flatten(out)
+    if out_treedef != y_treedef:
+        raise ValueError(
+            f"the vector field must return the structure of one lane of y0: expected "
+            f"{y_treedef}, got {out_treedef}"
+        )
+    for y, o in zip(y_flat, out_leaves):
+        if tuple(o.shape) != tuple(y.shape[1:]):
+            raise ValueError(
+                f"the vector field returned a leaf of shape {tuple(o.shape)} where one lane of y0 "
+                f"has shape {tuple(y.shape[1:])}"
+            )
+
+
+def _device_memory_bytes() -> int:
+    stats = None
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # some platforms do not implement memory_stats
+        stats = None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def tape_bytes(rows: int, y_flat: tuple, time_itemsize: int) -> int:
+    """Bytes of the stored tape: per row and lane, the start state, k_1..k_6, two times and
+    an accepted flag."""
+    B = y_flat[0].shape[0]
+    state = sum(int(np.prod(y.shape)) * y.dtype.itemsize for y in y_flat)
+    return rows * ((1 + TAPE_STAGES) * state + B * (2 * time_itemsize + 1))
+
+
+# ----------------------------------------------------------------------------- custom_vjp
+
+
+def _instantiate(ct, like):
+    return jnp.zeros(like.shape, like.dtype) if isinstance(ct, SymbolicZero) else ct
+
+
+def _make_core(vector_field, y_treedef, layout: _ArgsLayout, config, *, choose_dt0: bool):
+    """Build the differentiable core for one call: (y0, args, times) -> outputs."""
+
+    def lane_field(direction):
+        def one_lane(t, y_leaves, diff, nondiff):
+            y = jax.tree_util.tree_unflatten(y_treedef, list(y_leaves))
+            out = vector_field(direction * t, y, layout.rebuild(diff, nondiff))
+            return tuple(jnp.asarray(o).astype(y.dtype) for o, y in zip(jax.tree_util.tree_leaves(out), y_leaves))
+
+        return jax.vmap(one_lane, in_axes=(0, 0, list(layout.diff_axes), list(layout.nondiff_axes)))
+
+    def internal_times(t0, t1, dt0, ts, rtol, atol):
+        direction = jnp.where(t0 < t1, 1, -1)
+        return _reference.Times(
+            direction=direction,
+            t_start=t0 * direction,
+            t_end=t1 * direction,
+            dt0=dt0 * direction,
+            choose_dt0=choose_dt0,
+            ts=ts * direction,
+            rtol=rtol,
+            atol=atol,
+        )
+
+    def run(y0, diff, nondiff, t0, t1, dt0, ts, rtol, atol, *, with_tape):
+        times = internal_times(t0, t1, dt0, ts, rtol, atol)
+        batched = lane_field(times.direction)
+        field = lambda t, y: batched(t, y, diff, nondiff)  # noqa: E731
+        return _reference.forward(config, field, times, tuple(y0), with_tape=with_tape)
+
+    def outputs(fwd):
+        return fwd.ys, fwd.num_accepted, fwd.num_rejected, fwd.result
+
+    @jax.custom_vjp
+    def core(y0, diff, nondiff, t0, t1, dt0, ts, rtol, atol):
+        return outputs(run(y0, diff, nondiff, t0, t1, dt0, ts, rtol, atol, with_tape=False))
+
+    def core_fwd(y0, diff, nondiff, t0, t1, dt0, ts, rtol, atol):
+        for name, primal in (("t0", t0), ("t1", t1), ("dt0", dt0), ("ts", ts)):
+            if primal.perturbed:  # symbolic_zeros=True wraps each leaf with this flag
+                raise ValueError(
+                    f"fusedrk.solve is not differentiable with respect to {name}: gradients "
+                    "flow to y0 and to floating-point leaves of args only"
+                )
+        values = jax.tree_util.tree_map(
+            lambda p: p.value,
+            [y0, diff, nondiff, t0, t1, dt0, ts, rtol, atol],
+            is_leaf=lambda p: isinstance(p, CustomVJPPrimal),
+        )
+        y0_value = tuple(values[0])
+        needed = tape_bytes(config.rows, y0_value, values[3].dtype.itemsize)
+        available = _device_memory_bytes()
+        if needed > available:
+            raise MemoryError(
+                f"fusedrk.solve: the gradient tape needs {needed / 2**30:.2f} GiB "
+                f"({config.rows} rows x {y0_value[0].shape[0]} lanes) but the device has "
+                f"{available / 2**30:.2f} GiB; lower max_steps or split the batch"
+            )
+        fwd = run(*values, with_tape=True)
+        return outputs(fwd), (values, fwd)
+
+    def core_bwd(residuals, cts):
+        values, fwd = residuals
+        y0, diff, nondiff, t0, t1, dt0, ts, rtol, atol = values
+        ys_bar = tuple(_instantiate(ct, y) for ct, y in zip(cts[0], fwd.ys))
+        times = internal_times(t0, t1, dt0, ts, rtol, atol)
+        batched = lane_field(times.direction)
+
+        def field_vjp(t, y, f_bar):
+            _, pullback = jax.vjp(lambda y_, d_: batched(t, y_, d_, nondiff), y, diff)
+            return pullback(f_bar)
+
+        args_zero = [jnp.zeros_like(x) for x in diff]
+        y_bar, args_bar = _reference.backward(config, field_vjp, times, tuple(y0), fwd, ys_bar, args_zero)
+        nondiff_bar = [None] * len(nondiff)
+        return (tuple(y_bar), args_bar, nondiff_bar, None, None, None, None, None, None)
+
+    core.defvjp(core_fwd, core_bwd, symbolic_zeros=True)
+    return core
