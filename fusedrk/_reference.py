@@ -54,8 +54,8 @@ class Times(NamedTuple):
 class Tape(NamedTuple):
     y: tuple  # leaves [rows, B, ...]: start state of each iteration
     k: tuple  # leaves [rows, TAPE_STAGES, B, ...]
-    tprev: jax.Array  # [rows, B]
-    tnext: jax.Array  # [rows, B]
+    tprev: jax.Array  # [rows, B] adaptive, [rows] fixed steps (all lanes share times)
+    tnext: jax.Array
     accepted: jax.Array  # [rows, B] bool: an accepted step of a still-running lane
 
 
@@ -78,7 +78,9 @@ def forward(config: Config, field, times: Times, y0: tuple, *, with_tape: bool) 
     B = _batch(y0)
     T = times.ts.shape[0]
     tdtype = times.t_start.dtype
-    t_start = jnp.full((B,), times.t_start, tdtype)
+    # Fixed steps put every lane at the same times: keep them as shared scalars, so a field
+    # that depends on t evaluates that dependence once per stage rather than once per lane.
+    t_start = _lane_times(config, times.t_start, B)
     t_end = times.t_end
     t_end_floor = t_end
     for _ in range(100):
@@ -90,7 +92,7 @@ def forward(config: Config, field, times: Times, y0: tuple, *, with_tape: bool) 
     if config.adaptive and times.choose_dt0:
         dt0 = lax.stop_gradient(_step.initial_step(field, t_start, y0, f0, times.rtol, times.atol))
     else:
-        dt0 = jnp.full((B,), times.dt0, tdtype)
+        dt0 = _lane_times(config, times.dt0, B)
     tnext = jnp.minimum(t_start + dt0, t_end)
     num_fixed_steps = None if config.adaptive else _step.constant_num_steps(times.t_start, t_end, times.dt0)
 
@@ -103,8 +105,8 @@ def forward(config: Config, field, times: Times, y0: tuple, *, with_tape: bool) 
         tape = Tape(
             y=tuple(jnp.zeros((rows,) + y.shape, y.dtype) for y in y0),
             k=tuple(jnp.zeros((rows, TAPE_STAGES) + y.shape, y.dtype) for y in y0),
-            tprev=jnp.zeros((rows, B), tdtype),
-            tnext=jnp.zeros((rows, B), tdtype),
+            tprev=jnp.zeros((rows,) + t_start.shape, tdtype),
+            tnext=jnp.zeros((rows,) + t_start.shape, tdtype),
             accepted=jnp.zeros((rows, B), jnp.bool_),
         )
     carry = dict(
@@ -122,32 +124,47 @@ def forward(config: Config, field, times: Times, y0: tuple, *, with_tape: bool) 
         tape=tape,
     )
 
+    def stage_field(t, y):
+        return _materialise(field(t, y), carry_ok)
+
+    carry_ok = None
+
     def running(c):
         return (c["tprev"] < t_end) & (c["result"] == SUCCESSFUL)
 
     def cond(c):
+        if not config.adaptive:
+            # Shared times: the loop ends when they reach t_end. Lanes that failed early are
+            # masked until then; skipping the per-lane reduction keeps the loop lean.
+            return (c["n"] < config.rows) & (c["tprev"] < t_end)
         return (c["n"] < config.rows) & jnp.any(running(c))
 
     def body(c):
+        nonlocal carry_ok
+        carry_ok = c["n"] < config.rows  # True inside the loop; unknown to the compiler
         active = running(c)
         tprev, tnext, y = c["tprev"], c["tnext"], c["y"]
         control = times.direction * (tnext - tprev)
-        y1, ks, f_end = _step.tsit5_step(field, tprev, tnext, y, c["f"], control)
+        y1, ks, f_end = _step.tsit5_step(stage_field, tprev, tnext, y, c["f"], control)
         if config.adaptive:
             error = _step.scaled_error(y, y1, _step.error_estimate(ks), times.rtol, times.atol)
             keep, next_t0, next_t1 = _step.pid_next_interval(tprev, tnext, error)
         else:
-            keep = jnp.ones((B,), jnp.bool_)
+            keep = jnp.ones((), jnp.bool_)
             next_t0 = tnext
-            next_t1 = _step.constant_next_end(c["num_accepted"] + 2, num_fixed_steps, times.t_start, t_end)
+            # Every iteration of a fixed-step solve is an accepted step of every running lane.
+            next_t1 = _step.constant_next_end(c["n"] + 2, num_fixed_steps, times.t_start, t_end)
         new_tprev = jnp.minimum(next_t0, t_end)
         new_tnext = _step.clip_to_end(new_tprev, next_t1, t_end, t_end_floor, keep)
         accept = active & keep
         bad = (accept & ~_step.all_finite(y1)) | (active & ~jnp.isfinite(new_tnext))
         out = dict(c)
         out["n"] = c["n"] + 1
-        out["tprev"] = jnp.where(active, new_tprev, tprev)
-        out["tnext"] = jnp.where(active, new_tnext, tnext)
+        if config.adaptive:
+            out["tprev"] = jnp.where(active, new_tprev, tprev)
+            out["tnext"] = jnp.where(active, new_tnext, tnext)
+        else:
+            out["tprev"], out["tnext"] = new_tprev, new_tnext
         out["y"] = _step.lane_where(accept, y1, y)
         out["f"] = _step.lane_where(accept, f_end, c["f"])
         out["num_accepted"] = c["num_accepted"] + accept
@@ -190,6 +207,25 @@ def forward(config: Config, field, times: Times, y0: tuple, *, with_tape: bool) 
         num_iters=c["n"],
         tape=c["tape"],
     )
+
+
+def _materialise(x, always_true):
+    """Return x, computed once into memory on XLA:CPU.
+
+    XLA:CPU fuses cheap elementwise producers into every consumer, so without a boundary the
+    whole stage chain of a step is recomputed inside each consumer (new state, FSAL value,
+    error estimate, each tape row): measured 3x slower on the seed workload. A conditional is
+    a fusion boundary; its never-taken branch differs from the taken one so that it is not
+    simplified away. On GPUs a conditional costs a host round trip, so there it is skipped.
+    """
+    if jax.default_backend() != "cpu":
+        return x
+    return lax.cond(always_true, lambda v: v, lambda v: jax.tree_util.tree_map(jnp.zeros_like, v), x)
+
+
+def _lane_times(config: Config, t, B: int):
+    """A shared scalar time as the driver carries it: per lane [B] when adaptive, else []."""
+    return jnp.full((B,), t, t.dtype) if config.adaptive else t
 
 
 def _save(c, accept, tprev, tnext, y, ks, ts):
@@ -241,7 +277,7 @@ def backward(
     else:
         y_bar = tuple(g[:, 0] for g in ys_bar)
         pointer = jnp.full((B,), -1, jnp.int32)
-    t_start = jnp.full((B,), times.t_start, times.t_start.dtype)
+    t_start = _lane_times(config, times.t_start, B)
 
     def inject_saves(n, tprev, tnext, pointer):
         """Cotangents of outputs saved in iteration n, walking the save pointer down."""
@@ -268,6 +304,11 @@ def backward(
     def body(i, c):
         y_bar, f_bar, args_bar, pointer = c
         n = fwd.num_iters - 1 - i
+        in_loop = n >= 0
+
+        def stage_vjp(t, y, f_bar):
+            return _materialise(field_vjp(t, y, f_bar), in_loop)
+
         mask = tape.accepted[n]
         tprev, tnext = tape.tprev[n], tape.tnext[n]
         y_start = tuple(buf[n] for buf in tape.y)
@@ -275,7 +316,7 @@ def backward(
         pointer, y0_bar_saves, k_bars = inject_saves(n, tprev, tnext, pointer)
         control = times.direction * (tnext - tprev)
         y0_bar, f0_bar, step_args_bar = _step.tsit5_step_vjp(
-            field_vjp, tprev, tnext, y_start, ks, control, mask, y_bar, f_bar, y0_bar_saves, k_bars
+            stage_vjp, tprev, tnext, y_start, ks, control, mask, y_bar, f_bar, y0_bar_saves, k_bars
         )
         y_bar = _step.lane_where(mask, y0_bar, y_bar)
         f_bar = _step.lane_where(mask, f0_bar, f_bar)

@@ -412,7 +412,12 @@ def _make_core(vector_field, y_treedef, layout: _ArgsLayout, config, *, choose_d
             out = vector_field(direction * t, y, layout.rebuild(diff, nondiff))
             return tuple(jnp.asarray(o).astype(y.dtype) for o, y in zip(jax.tree_util.tree_leaves(out), y_leaves))
 
-        return jax.vmap(one_lane, in_axes=(0, 0, list(layout.diff_axes), list(layout.nondiff_axes)))
+        def batched(t, y, diff, nondiff):
+            # t is [B], or a scalar shared by all lanes (fixed steps).
+            axes = (0 if jnp.ndim(t) else None, 0, list(layout.diff_axes), list(layout.nondiff_axes))
+            return jax.vmap(one_lane, in_axes=axes)(t, y, diff, nondiff)
+
+        return batched
 
     def internal_times(t0, t1, dt0, ts, rtol, atol):
         direction = jnp.where(t0 < t1, 1, -1)

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 from ._tableau import A_LOWER, B_ERROR, C, DENSE_WEIGHTS, ERROR_ORDER, NUM_STAGES
 
 State = tuple  # tuple of leaves, each [L, *leaf_shape]
-# field(t [L], state) -> state of derivatives, for lanes of one tile or one batch.
+# field(t, state) -> state of derivatives, for lanes of one tile or one batch. Times are [L],
+# or scalars shared by every lane (fixed steps); all functions here broadcast either.
 Field = Callable[[jax.Array, State], State]
 # field_vjp(t [L], state, cotangent of f) -> (cotangent of state, cotangent pytree of args).
 FieldVJP = Callable[[jax.Array, State, State], tuple]
@@ -319,7 +320,7 @@ def tsit5_step_vjp(
     previous accepted step (whose last stage evaluated it) or to the initial evaluation.
 
     Lanes where ``lane_mask`` is False (rejected or finished) get zero cotangents into every
-    VJP, evaluated at their own start point (t0, y0) so that a wild rejected stage cannot turn
+    VJP, evaluated at their own start state y0 so that a wild rejected stage cannot turn
     0 * inf into NaN; the caller keeps its carries for those lanes.
     """
     times = stage_times(t0, t1)
@@ -329,9 +330,8 @@ def tsit5_step_vjp(
 
     def pull(i, y_i, f_bar):
         nonlocal args_bar
-        t_i = jnp.where(lane_mask, times[i], t0)
         y_i = lane_where(lane_mask, y_i, y0)
-        y_bar, a_bar = field_vjp(t_i, y_i, _zero_masked(lane_mask, f_bar))
+        y_bar, a_bar = field_vjp(times[i], y_i, _zero_masked(lane_mask, f_bar))
         args_bar = a_bar if args_bar is None else _add(args_bar, a_bar)
         return y_bar
 
