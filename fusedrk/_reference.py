@@ -44,8 +44,7 @@ class Times(NamedTuple):
     direction: jax.Array  # +1 or -1
     t_start: jax.Array  # scalar
     t_end: jax.Array  # scalar
-    dt0: jax.Array  # scalar first step; ignored when adaptive and chosen automatically
-    choose_dt0: bool
+    dt0: jax.Array  # scalar first step (fixed step size when not adaptive)
     ts: jax.Array  # [T] save times (or [1] holding t_end)
     rtol: jax.Array
     atol: jax.Array
@@ -89,10 +88,7 @@ def forward(config: Config, field, times: Times, y0: tuple, *, with_tape: bool) 
     # The field at the start point: the first step's FSAL stage (diffrax evaluates it in the
     # first step for every lane).
     f0 = field(t_start, y0)
-    if config.adaptive and times.choose_dt0:
-        dt0 = lax.stop_gradient(_step.initial_step(field, t_start, y0, f0, times.rtol, times.atol))
-    else:
-        dt0 = _lane_times(config, times.dt0, B)
+    dt0 = _lane_times(config, times.dt0, B)
     tnext = jnp.minimum(t_start + dt0, t_end)
     num_fixed_steps = None if config.adaptive else _step.constant_num_steps(times.t_start, t_end, times.dt0)
 

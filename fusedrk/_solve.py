@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
-from . import _reference
+from . import _reference, _step
 from ._reference import TAPE_STAGES
 
 
@@ -425,8 +425,7 @@ def _make_core(vector_field, y_treedef, layout: _ArgsLayout, config, *, choose_d
             direction=direction,
             t_start=t0 * direction,
             t_end=t1 * direction,
-            dt0=dt0 * direction,
-            choose_dt0=choose_dt0,
+            dt0=jnp.full_like(t0, _step.AUTO_DT0) if choose_dt0 else dt0 * direction,
             ts=ts * direction,
             rtol=rtol,
             atol=atol,
