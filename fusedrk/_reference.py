@@ -140,32 +140,19 @@ def forward(config: Config, field, times: Times, y0: tuple, *, with_tape: bool) 
         carry_ok = c["n"] < config.rows  # True inside the loop; unknown to the compiler
         active = running(c)
         tprev, tnext, y = c["tprev"], c["tnext"], c["y"]
-        control = times.direction * (tnext - tprev)
-        y1, ks, f_end = _step.tsit5_step(stage_field, tprev, tnext, y, c["f"], control)
-        if config.adaptive:
-            error = _step.scaled_error(y, y1, _step.error_estimate(ks), times.rtol, times.atol)
-            keep, next_t0, next_t1 = _step.pid_next_interval(tprev, tnext, error)
-        else:
-            keep = jnp.ones((), jnp.bool_)
-            next_t0 = tnext
-            # Every iteration of a fixed-step solve is an accepted step of every running lane.
-            next_t1 = _step.constant_next_end(c["n"] + 2, num_fixed_steps, times.t_start, t_end)
-        new_tprev = jnp.minimum(next_t0, t_end)
-        new_tnext = _step.clip_to_end(new_tprev, next_t1, t_end, t_end_floor, keep)
-        accept = active & keep
-        bad = (accept & ~_step.all_finite(y1)) | (active & ~jnp.isfinite(new_tnext))
+        step = _step.attempt_step(
+            stage_field, adaptive=config.adaptive, active=active, tprev=tprev, tnext=tnext, y=y,
+            f=c["f"], direction=times.direction, rtol=times.rtol, atol=times.atol,
+            t_start=times.t_start, t_end=t_end, t_end_floor=t_end_floor,
+            num_fixed_steps=num_fixed_steps, steps_done=c["n"],
+        )
+        ks, accept = step.ks, step.accept
         out = dict(c)
         out["n"] = c["n"] + 1
-        if config.adaptive:
-            out["tprev"] = jnp.where(active, new_tprev, tprev)
-            out["tnext"] = jnp.where(active, new_tnext, tnext)
-        else:
-            out["tprev"], out["tnext"] = new_tprev, new_tnext
-        out["y"] = _step.lane_where(accept, y1, y)
-        out["f"] = _step.lane_where(accept, f_end, c["f"])
+        out["tprev"], out["tnext"], out["y"], out["f"] = step.tprev, step.tnext, step.y, step.f
         out["num_accepted"] = c["num_accepted"] + accept
-        out["num_rejected"] = c["num_rejected"] + (active & ~keep)
-        out["result"] = jnp.where(bad, NONFINITE, c["result"])
+        out["num_rejected"] = c["num_rejected"] + step.reject
+        out["result"] = jnp.where(step.nonfinite, NONFINITE, c["result"])
         if config.save_ts:
             out["save_index"], out["ys"], out["save_iter"] = _save(
                 c, accept, tprev, tnext, y, ks, times.ts

@@ -21,7 +21,7 @@ diffrax does in diffeqsolve; the field is evaluated at ``direction * t`` by the 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -219,6 +219,57 @@ def prev_before(x):
 # adaptive ODE solve in diffrax (0.7.2, checked by tests/test_oracle.py) starts with a step of
 # 0.01 in the direction of integration. Equality with diffrax is the contract: we do the same.
 AUTO_DT0 = 0.01
+
+
+class Attempt(NamedTuple):
+    """The outcome of one attempted step for every lane (see ``attempt_step``)."""
+
+    y1: State  # candidate solution
+    ks: tuple  # seven stage increments
+    accept: jax.Array  # [L] an accepted step of a running lane
+    reject: jax.Array  # [L] a rejected step of a running lane
+    nonfinite: jax.Array  # [L] the accepted state or the next step size is not finite
+    tprev: jax.Array  # next interval (unchanged for lanes that were not running)
+    tnext: jax.Array
+    y: State  # next state and FSAL derivative
+    f: State
+
+
+def attempt_step(field: Field, *, adaptive: bool, active, tprev, tnext, y, f, direction, rtol,
+                 atol, t_start, t_end, t_end_floor, num_fixed_steps, steps_done) -> Attempt:
+    """One iteration of diffrax's integration loop (``_integrate.py`` ``body_fun``) per lane.
+
+    ``active`` marks running lanes. Fixed steps place the next step end at a fraction of the
+    interval (``steps_done`` accepted steps so far, shared by all lanes); adaptive steps run
+    the PID controller. Times may be [L] or, for fixed steps, shared scalars: then they advance
+    unconditionally (finished lanes are masked through ``accept``).
+    """
+    control = direction * (tnext - tprev)
+    y1, ks, f_end = tsit5_step(field, tprev, tnext, y, f, control)
+    if adaptive:
+        error = scaled_error(y, y1, error_estimate(ks), rtol, atol)
+        keep, next_t0, next_t1 = pid_next_interval(tprev, tnext, error)
+    else:
+        keep = jnp.ones(jnp.shape(tprev), jnp.bool_)
+        next_t0 = tnext
+        next_t1 = constant_next_end(steps_done + 2, num_fixed_steps, t_start, t_end)
+    new_tprev = jnp.minimum(next_t0, t_end)
+    new_tnext = clip_to_end(new_tprev, next_t1, t_end, t_end_floor, keep)
+    if jnp.ndim(tprev):
+        new_tprev = jnp.where(active, new_tprev, tprev)
+        new_tnext = jnp.where(active, new_tnext, tnext)
+    accept = active & keep
+    return Attempt(
+        y1=y1,
+        ks=ks,
+        accept=accept,
+        reject=active & ~keep,
+        nonfinite=(accept & ~all_finite(y1)) | (active & ~jnp.isfinite(new_tnext)),
+        tprev=new_tprev,
+        tnext=new_tnext,
+        y=lane_where(accept, y1, y),
+        f=lane_where(accept, f_end, f),
+    )
 
 
 # ---------------------------------------------------------------------------- dense output
