@@ -110,12 +110,6 @@ def solve(
     """
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    if backend == "pallas":
-        raise NotImplementedError(
-            'backend="pallas" (the fused GPU kernels) is not available in this version of '
-            'fusedrk; use backend="jax", which computes the same result on any device.'
-        )
-    del interpret  # only meaningful for the Pallas backend
     if not isinstance(max_steps, (int, np.integer)) or isinstance(max_steps, bool) or max_steps < 1:
         raise ValueError(f"max_steps must be a positive int, got {max_steps!r}")
     if (rtol is None) != (atol is None):
@@ -184,7 +178,9 @@ def solve(
             # One spare row guards against a rounding disagreement with the device.
             rows = max(1, min(max_steps, known + 1))
     config = _reference.Config(adaptive=adaptive, save_ts=ts is not None, rows=rows)
-    core = _make_core(vector_field, y_treedef, layout, config, choose_dt0=dt0 is None)
+    lane_fn = _lane_function(vector_field, y_treedef, layout)
+    backend = _choose_backend(backend, lane_fn, layout, y_flat, diff_args, nondiff_args, tdtype)
+    core = _make_core(lane_fn, layout, config, choose_dt0=dt0 is None, backend=backend, interpret=interpret)
 
     zero_t = jnp.zeros((), tdtype)
     ys_flat, num_accepted, num_rejected, result = core(
@@ -403,21 +399,51 @@ def _instantiate(ct, like):
     return jnp.zeros(like.shape, like.dtype) if isinstance(ct, SymbolicZero) else ct
 
 
-def _make_core(vector_field, y_treedef, layout: _ArgsLayout, config, *, choose_dt0: bool):
+def _lane_function(vector_field, y_treedef, layout: _ArgsLayout):
+    """The user's field over flat leaves: ``fn(t, y_leaves, diff, nondiff)`` for one lane, or
+    elementwise for a tile of lanes (the kernels call it that way)."""
+
+    def fn(t, y_leaves, diff, nondiff):
+        y = jax.tree_util.tree_unflatten(y_treedef, list(y_leaves))
+        out = vector_field(t, y, layout.rebuild(diff, nondiff))
+        return tuple(
+            jnp.broadcast_to(jnp.asarray(o).astype(leaf.dtype), jnp.shape(leaf))
+            for o, leaf in zip(jax.tree_util.tree_leaves(out), y_leaves)
+        )
+
+    return fn
+
+
+def _choose_backend(backend, lane_fn, layout, y_flat, diff, nondiff, tdtype) -> str:
+    if backend == "jax":
+        return backend
+    from fusedrk import kernels
+
+    problem = kernels.TileProblem(lane_fn, layout.diff_axes, layout.nondiff_axes)
+    reason = kernels.unsupported_reason(problem, y_flat, diff, nondiff, tdtype)
+    if backend == "pallas" and reason is not None:
+        raise ValueError(f'backend="pallas" cannot run this problem: {reason}. Use backend="jax", '
+                         "which takes any vector field.")
+    if backend == "auto":
+        return "pallas" if reason is None and jax.default_backend() == "gpu" else "jax"
+    return backend
+
+
+def _make_core(lane_fn, layout: _ArgsLayout, config, *, choose_dt0: bool, backend: str, interpret: bool):
     """Build the differentiable core for one call: (y0, args, times) -> outputs."""
 
     def lane_field(direction):
-        def one_lane(t, y_leaves, diff, nondiff):
-            y = jax.tree_util.tree_unflatten(y_treedef, list(y_leaves))
-            out = vector_field(direction * t, y, layout.rebuild(diff, nondiff))
-            return tuple(jnp.asarray(o).astype(y.dtype) for o, y in zip(jax.tree_util.tree_leaves(out), y_leaves))
-
         def batched(t, y, diff, nondiff):
-            # t is [B], or a scalar shared by all lanes (fixed steps).
+            # t is [B], or a scalar shared by all lanes (fixed steps); internal times.
             axes = (0 if jnp.ndim(t) else None, 0, list(layout.diff_axes), list(layout.nondiff_axes))
-            return jax.vmap(one_lane, in_axes=axes)(t, y, diff, nondiff)
+            return jax.vmap(lambda t_, *rest: lane_fn(direction * t_, *rest), in_axes=axes)(t, y, diff, nondiff)
 
         return batched
+
+    def tile_problem():
+        from fusedrk import kernels
+
+        return kernels.TileProblem(lane_fn, layout.diff_axes, layout.nondiff_axes)
 
     def internal_times(t0, t1, dt0, ts, rtol, atol):
         direction = jnp.where(t0 < t1, 1, -1)
@@ -433,6 +459,11 @@ def _make_core(vector_field, y_treedef, layout: _ArgsLayout, config, *, choose_d
 
     def run(y0, diff, nondiff, t0, t1, dt0, ts, rtol, atol, *, with_tape):
         times = internal_times(t0, t1, dt0, ts, rtol, atol)
+        if backend == "pallas":
+            from fusedrk import kernels
+
+            return kernels.forward(config, tile_problem(), times, tuple(y0), diff, nondiff,
+                                   with_tape=with_tape, interpret=interpret)
         batched = lane_field(times.direction)
         field = lambda t, y: batched(t, y, diff, nondiff)  # noqa: E731
         return _reference.forward(config, field, times, tuple(y0), with_tape=with_tape)
@@ -473,6 +504,12 @@ def _make_core(vector_field, y_treedef, layout: _ArgsLayout, config, *, choose_d
         y0, diff, nondiff, t0, t1, dt0, ts, rtol, atol = values
         ys_bar = tuple(_instantiate(ct, y) for ct, y in zip(cts[0], fwd.ys))
         times = internal_times(t0, t1, dt0, ts, rtol, atol)
+        if backend == "pallas":
+            from fusedrk import kernels
+
+            y_bar, args_bar = kernels.backward(config, tile_problem(), times, tuple(y0), diff, nondiff,
+                                               fwd, ys_bar, interpret=interpret)
+            return (tuple(y_bar), args_bar, [None] * len(nondiff), None, None, None, None, None, None)
         batched = lane_field(times.direction)
 
         def field_vjp(t, y, f_bar):

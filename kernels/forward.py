@@ -1,0 +1,211 @@
+"""The fused forward kernel: the whole time loop of one lane tile in one program.
+
+Owns: looping and memory movement of the forward pass on a GPU. Each program loads its tile of
+lanes, runs ``fusedrk._step.attempt_step`` until every lane of the tile is done (or the row
+limit is reached), writes saved outputs row by row, and, when a gradient will be taken, writes
+every iteration's start state, k_1..k_6, interval and accepted flag to a tape in HBM at
+``tape[n, s, tile]``. Without a gradient it allocates and writes no tape.
+
+Must not: contain step algebra (``fusedrk/_step.py``) or anything Triton-specific beyond the
+loads and stores (``_triton.py``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from fusedrk import _step
+from fusedrk._reference import MAX_STEPS_REACHED, NONFINITE, SUCCESSFUL, TAPE_STAGES, Config, Times
+
+from . import _triton
+from ._problem import TileProblem, pad_lanes
+
+# save_iter of a save time a lane never reached: larger than any iteration.
+NEVER_SAVED = 2**31 - 1
+
+
+class KernelTape(NamedTuple):
+    states: jax.Array  # [rows, (1 + TAPE_STAGES) * L, Bp]: start state then k_1..k_6, per leaf
+    times: jax.Array  # [rows, 2, Bp]: tprev, tnext
+    accepted: jax.Array  # [rows, Bp] int32
+
+
+class KernelForward(NamedTuple):
+    ys: tuple  # leaves [B, T]
+    num_accepted: jax.Array  # [B]
+    num_rejected: jax.Array
+    result: jax.Array
+    save_iter: jax.Array  # [T, Bp]: iteration of each save, NEVER_SAVED if none
+    iterations: jax.Array  # [num_tiles]: iterations each tile ran
+    tape: Optional[KernelTape]
+
+
+def time_scalars(times: Times, config: Config, state_dtype):
+    """Scalars every kernel program needs, as 0-d arrays (Triton takes no captured constants)."""
+    t_end_floor = times.t_end
+    for _ in range(100):
+        t_end_floor = _step.prev_before(t_end_floor)
+    tdtype = times.t_start.dtype
+    num_fixed = (
+        jnp.zeros((), jnp.int32) if config.adaptive
+        else _step.constant_num_steps(times.t_start, times.t_end, times.dt0)
+    )
+    return (
+        times.t_start,
+        times.t_end,
+        t_end_floor,
+        times.dt0,
+        times.direction.astype(tdtype),
+        jnp.asarray(times.rtol, state_dtype),
+        jnp.asarray(times.atol, state_dtype),
+        num_fixed,
+    )
+
+
+def forward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff: list, nondiff: list,
+            *, with_tape: bool, interpret: bool) -> KernelForward:
+    B = y0[0].shape[0]
+    launch = _triton.choose_launch(B)
+    TB = launch.lane_tile
+    num_tiles = -(-B // TB)
+    Bp = num_tiles * TB
+    L = len(y0)
+    T = times.ts.shape[0]
+    rows = config.rows
+    dtype = y0[0].dtype
+    tdtype = times.t_start.dtype
+    y0p, diffp, nondiffp = pad_lanes(problem, Bp, y0, diff, nondiff)
+    inputs = [*y0p, *diffp, *nondiffp, times.ts, *time_scalars(times, config, dtype)]
+
+    out_shape = [jax.ShapeDtypeStruct((T, Bp), dtype) for _ in range(L)]
+    out_shape += [jax.ShapeDtypeStruct((T, Bp), jnp.int32)]  # save_iter
+    out_shape += [jax.ShapeDtypeStruct((Bp,), jnp.int32) for _ in range(3)]  # accepted, rejected, result
+    out_shape += [jax.ShapeDtypeStruct((num_tiles,), jnp.int32)]  # iterations per tile
+    if with_tape:
+        out_shape += [
+            jax.ShapeDtypeStruct((rows, (1 + TAPE_STAGES) * L, Bp), dtype),
+            jax.ShapeDtypeStruct((rows, 2, Bp), tdtype),
+            jax.ShapeDtypeStruct((rows, Bp), jnp.int32),
+        ]
+
+    def kernel(*refs):
+        ins, outs = refs[: len(inputs)], refs[len(inputs):]
+        y_refs, rest = ins[:L], ins[L:]
+        diff_refs, rest = rest[: len(diff)], rest[len(diff):]
+        nondiff_refs, rest = rest[: len(nondiff)], rest[len(nondiff):]
+        ts_ref, t_start, t_end, t_end_floor, dt0, direction, rtol, atol, num_fixed = (
+            rest[0], *(r[...] for r in rest[1:])
+        )
+        ys_refs, save_iter_ref = outs[:L], outs[L]
+        acc_ref, rej_ref, result_ref, iters_ref = outs[L + 1: L + 5]
+        tape_refs = outs[L + 5:] if with_tape else None
+
+        lanes = _triton.lane_slice(launch)
+        y = tuple(r[lanes] for r in y_refs)
+        d_args = problem.load_args(diff_refs, problem.diff_axes, lanes)
+        n_args = problem.load_args(nondiff_refs, problem.nondiff_axes, lanes)
+
+        def field(t, state):  # internal (increasing) time in, the user's time to the field
+            return problem.field(direction * t, state, d_args, n_args)
+
+        def init_row(j, _):
+            for r in ys_refs:
+                r[j, lanes] = jnp.full((TB,), jnp.inf, dtype)
+            save_iter_ref[j, lanes] = jnp.full((TB,), NEVER_SAVED, jnp.int32)
+            return _
+
+        lax.fori_loop(0, T, init_row, 0)
+        tprev = jnp.full((TB,), t_start, tdtype)
+        tnext = jnp.minimum(tprev + dt0, t_end)
+        zeros_i = jnp.zeros((TB,), jnp.int32)
+        carry = (jnp.int32(0), tprev, tnext, y, field(tprev, y), zeros_i, zeros_i, zeros_i, zeros_i, jnp.int32(0))
+
+        def running(c):
+            return (c[1] < t_end) & (c[7] == SUCCESSFUL)
+
+        def cond(c):
+            return (c[0] < rows) & _triton.any_lane(running(c))
+
+        def body(c):
+            n, tprev, tnext, y, f, acc, rej, result, save_index, first_unsaved = c
+            step = _step.attempt_step(
+                field, adaptive=config.adaptive, active=running(c), tprev=tprev, tnext=tnext, y=y,
+                f=f, direction=direction, rtol=rtol, atol=atol, t_start=t_start, t_end=t_end,
+                t_end_floor=t_end_floor, num_fixed_steps=num_fixed, steps_done=n,
+            )
+            if config.save_ts:
+                save_index, first_unsaved = _save_rows(
+                    ts_ref, ys_refs, save_iter_ref, lanes, T, n, step.accept, tprev, tnext, y, step.ks,
+                    save_index, first_unsaved,
+                )
+            if with_tape:
+                states_ref, times_ref, accepted_ref = tape_refs
+                for s, state in enumerate((y,) + step.ks[:TAPE_STAGES]):
+                    for leaf_index, leaf in enumerate(state):
+                        states_ref[n, jnp.int32(s * L + leaf_index), lanes] = leaf
+                times_ref[n, jnp.int32(0), lanes] = tprev
+                times_ref[n, jnp.int32(1), lanes] = tnext
+                accepted_ref[n, lanes] = step.accept.astype(jnp.int32)
+            return (
+                n + 1, step.tprev, step.tnext, step.y, step.f,
+                acc + step.accept.astype(jnp.int32), rej + step.reject.astype(jnp.int32),
+                jnp.where(step.nonfinite, NONFINITE, result), save_index, first_unsaved,
+            )
+
+        c = lax.while_loop(cond, body, carry)
+        n, _, _, y_final, _, acc, rej, result, _, _ = c
+        result = jnp.where(running(c), MAX_STEPS_REACHED, result)
+        if config.save_ts:
+            # t0 == t1: no iteration ran and every save time equals t0.
+            def fill(j, _):
+                for r, leaf in zip(ys_refs, y):
+                    r[j, lanes] = leaf
+                return _
+
+            lax.fori_loop(0, jnp.where(t_start == t_end, T, 0), fill, 0)
+        else:
+            for r, leaf in zip(ys_refs, y_final):
+                r[jnp.int32(0), lanes] = leaf
+        acc_ref[lanes] = acc
+        rej_ref[lanes] = rej
+        result_ref[lanes] = result
+        iters_ref[_triton.program_index()] = n
+
+    out = _triton.call(kernel, inputs, out_shape, launch, num_tiles=num_tiles, interpret=interpret,
+                       name="fusedrk_forward")
+    ys = tuple(o[:, :B].T for o in out[:L])
+    save_iter, acc, rej, result, iters = out[L: L + 5]
+    tape = KernelTape(*out[L + 5:]) if with_tape else None
+    return KernelForward(ys, acc[:B], rej[:B], result[:B], save_iter, iters, tape)
+
+
+def _save_rows(ts_ref, ys_refs, save_iter_ref, lanes, T, n, accept, tprev, tnext, y, ks, save_index,
+               first_unsaved):
+    """Write every save time that falls in this step, for each lane that accepted it.
+
+    Rows are shared by the tile: walk rows upwards from the lowest row some lane has not
+    saved, while some accepting lane's step reaches that row's time (diffrax saves ts[j] in the
+    first accepted step ending at or after it). Each lane writes only its own pending rows.
+    """
+    last = T - 1
+
+    def cond(s):
+        j, _ = s
+        return (j < T) & _triton.any_lane(accept & (ts_ref[jnp.minimum(j, last)] <= tnext))
+
+    def body(s):
+        j, index = s
+        t_save = ts_ref[j]
+        mask = accept & (j >= index) & (t_save <= tnext)
+        values = _step.interpolate(_step.linear_rescale(tprev, t_save, tnext), y, ks)
+        for r, v in zip(ys_refs, values):
+            r[j, lanes] = jnp.where(mask, v, r[j, lanes])
+        save_iter_ref[j, lanes] = jnp.where(mask, n, save_iter_ref[j, lanes])
+        return j + 1, jnp.where(mask, j + 1, index)
+
+    _, save_index = lax.while_loop(cond, body, (first_unsaved, save_index))
+    return save_index, jnp.min(save_index)

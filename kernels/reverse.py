@@ -1,0 +1,149 @@
+"""The fused reverse kernel: one backwards walk over a tile's tape, no step re-run.
+
+Owns: looping and memory movement of the backward pass on a GPU. Each program walks its
+tile's iterations n = N-1 .. 0, injects the cotangents of outputs saved in iteration n, and
+calls ``fusedrk._step.tsit5_step_vjp`` on the stored start state and increments (masked to
+accepted steps). Outputs: cotangents of y0, of per-lane arguments ([B]) and per-tile partial
+sums of shared arguments' cotangents (reduced outside).
+
+Must not: contain step algebra or Triton specifics beyond loads and stores.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from fusedrk import _step
+from fusedrk._reference import TAPE_STAGES, Config, Times
+from fusedrk._tableau import NUM_STAGES
+
+from . import _triton
+from ._problem import TileProblem, pad_lanes
+from .forward import KernelForward, time_scalars
+
+
+def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff: list, nondiff: list,
+             fwd: KernelForward, ys_bar: tuple, *, interpret: bool):
+    """Returns (y0_bar, diff_bar) shaped like y0 and diff."""
+    B = y0[0].shape[0]
+    launch = _triton.choose_launch(B)  # the forward's tiles
+    TB = launch.lane_tile
+    num_tiles = fwd.iterations.shape[0]
+    Bp = num_tiles * TB
+    L = len(y0)
+    T = times.ts.shape[0]
+    dtype = y0[0].dtype
+    y0p, diffp, nondiffp = pad_lanes(problem, Bp, y0, diff, nondiff)
+    ys_bar_rows = [jnp.pad(g.T, ((0, 0), (0, Bp - B))) for g in ys_bar]  # [T, Bp], zero padded
+    t_start, t_end, _, _, direction, _, _, _ = time_scalars(times, config, dtype)
+    inputs = [*fwd.tape, fwd.save_iter, fwd.iterations, *ys_bar_rows, *y0p, *diffp, *nondiffp,
+              times.ts, t_start, t_end, direction]
+    n_diff = len(diff)
+    out_shape = [jax.ShapeDtypeStruct((Bp,), dtype) for _ in range(L)]
+    out_shape += [
+        jax.ShapeDtypeStruct((Bp,) if axis == 0 else (num_tiles,), x.dtype)
+        for x, axis in zip(diff, problem.diff_axes)
+    ]
+
+    def kernel(*refs):
+        ins, outs = refs[: len(inputs)], refs[len(inputs):]
+        states_ref, times_ref, accepted_ref, save_iter_ref, iters_ref = ins[:5]
+        rest = ins[5:]
+        ys_bar_refs, rest = rest[:L], rest[L:]
+        y_refs, rest = rest[:L], rest[L:]
+        diff_refs, rest = rest[:n_diff], rest[n_diff:]
+        nondiff_refs, rest = rest[: len(nondiff)], rest[len(nondiff):]
+        ts_ref, t_start, t_end, direction = rest[0], *(r[...] for r in rest[1:])
+        y_bar_refs, args_bar_refs = outs[:L], outs[L:]
+
+        lanes = _triton.lane_slice(launch)
+        y_init = tuple(r[lanes] for r in y_refs)
+        d_args = problem.load_args(diff_refs, problem.diff_axes, lanes)
+        n_args = problem.load_args(nondiff_refs, problem.nondiff_axes, lanes)
+
+        def field_vjp(t, y, f_bar):
+            _, pull = jax.vjp(lambda y_, d_: problem.field(direction * t, y_, d_, n_args), y, d_args)
+            return pull(f_bar)
+
+        zeros = tuple(jnp.zeros((TB,), dtype) for _ in range(L))
+        if config.save_ts:
+            y_bar = zeros
+        else:
+            y_bar = tuple(r[jnp.int32(0), lanes] for r in ys_bar_refs)
+        args_bar = [jnp.zeros_like(x) for x in d_args]
+        num_iters = iters_ref[_triton.program_index()]
+
+        def inject(n, tprev, tnext, top):
+            """Cotangents of outputs saved in iteration n (rows are shared by the tile).
+
+            Per lane, save_iter grows with the row; rows saved later were injected already.
+            Walk down from ``top`` while some lane's row was saved at or after n; remember the
+            highest row where some lane still waits, to start there next time.
+            """
+
+            def cond(s):
+                j = s[0]
+                return (j >= 0) & _triton.any_lane(save_iter_ref[jnp.maximum(j, 0), lanes] >= n)
+
+            def body(s):
+                j, next_top, y0_bar, k_bars = s
+                saved_at = save_iter_ref[j, lanes]
+                mask = saved_at == n
+                next_top = jnp.where((next_top < 0) & _triton.any_lane(saved_at < n), j, next_top)
+                theta = _step.linear_rescale(tprev, ts_ref[j], tnext)
+                g = tuple(jnp.where(mask, r[j, lanes], 0) for r in ys_bar_refs)
+                y0_bar, k_bars = _step.interpolate_vjp(theta, g, y0_bar, k_bars)
+                return j - 1, next_top, y0_bar, k_bars
+
+            k_bars = tuple(zeros for _ in range(NUM_STAGES))
+            if not config.save_ts:
+                return top, zeros, k_bars
+            stop, next_top, y0_bar, k_bars = lax.while_loop(cond, body, (top, jnp.int32(-1), zeros, k_bars))
+            return jnp.maximum(next_top, stop), y0_bar, k_bars
+
+        def body(i, c):
+            y_bar, f_bar, args_bar, top = c
+            n = num_iters - 1 - i
+            mask = accepted_ref[n, lanes] != 0
+            tprev = times_ref[n, jnp.int32(0), lanes]
+            tnext = times_ref[n, jnp.int32(1), lanes]
+            stored = [tuple(states_ref[n, jnp.int32(s * L + leaf), lanes] for leaf in range(L))
+                      for s in range(1 + TAPE_STAGES)]
+            top, y0_bar_saves, k_bars = inject(n, tprev, tnext, top)
+            y0_bar, f0_bar, step_args_bar = _step.tsit5_step_vjp(
+                field_vjp, tprev, tnext, stored[0], tuple(stored[1:]), direction * (tnext - tprev),
+                mask, y_bar, f_bar, y0_bar_saves, k_bars,
+            )
+            return (
+                _step.lane_where(mask, y0_bar, y_bar),
+                _step.lane_where(mask, f0_bar, f_bar),
+                [a + b for a, b in zip(args_bar, step_args_bar)],
+                top,
+            )
+
+        y_bar, f_bar, args_bar, _ = lax.fori_loop(0, num_iters, body, (y_bar, zeros, args_bar, jnp.int32(T - 1)))
+        # The first step's FSAL stage: the field at the initial point.
+        start_y_bar, start_args_bar = field_vjp(jnp.full((TB,), t_start), y_init, f_bar)
+        y_bar = tuple(a + b for a, b in zip(y_bar, start_y_bar))
+        args_bar = [a + b for a, b in zip(args_bar, start_args_bar)]
+        if config.save_ts:
+            # t0 == t1: every output is y0 itself.
+            def add_row(j, acc):
+                return tuple(a + r[j, lanes] for a, r in zip(acc, ys_bar_refs))
+
+            y_bar = lax.fori_loop(0, jnp.where(t_start == t_end, T, 0), add_row, y_bar)
+        for r, g in zip(y_bar_refs, y_bar):
+            r[lanes] = g
+        for r, g, axis in zip(args_bar_refs, args_bar, problem.diff_axes):
+            if axis == 0:
+                r[lanes] = g
+            else:
+                r[_triton.program_index()] = g
+
+    out = _triton.call(kernel, inputs, out_shape, launch, num_tiles=num_tiles, interpret=interpret,
+                       name="fusedrk_reverse")
+    y0_bar = tuple(o[:B] for o in out[:L])
+    diff_bar = [o[:B] if axis == 0 else jnp.sum(o) for o, axis in zip(out[L:], problem.diff_axes)]
+    return y0_bar, diff_bar
