@@ -151,6 +151,8 @@ def solve(
     for name, value in (("t0", t0), ("t1", t1), ("dt0", dt0)):
         if value is not None and jnp.ndim(value) != 0:
             raise ValueError(f"{name} must be a scalar shared by all lanes, got shape {jnp.shape(value)}")
+    # Values known now (not traced), in the time dtype: checked before any device work.
+    known = {k: _concrete(v, tdtype) for k, v in (("t0", t0), ("t1", t1), ("dt0", dt0), ("ts", ts))}
     t0 = jnp.asarray(t0, tdtype)
     t1 = jnp.asarray(t1, tdtype)
     dt0 = None if dt0 is None else jnp.asarray(dt0, tdtype)
@@ -166,20 +168,21 @@ def solve(
         for name, tol in (("rtol", rtol), ("atol", atol)):
             if tol.ndim != 0 or not jnp.issubdtype(tol.dtype, jnp.floating) and not jnp.issubdtype(tol.dtype, jnp.integer):
                 raise ValueError(f"{name} must be a real scalar, got {tol!r}")
-    t0, t1, dt0, ts = _check_times(t0, t1, dt0, ts)
+    t0, t1, dt0, ts = _check_times(t0, t1, dt0, ts, known)
 
     layout, diff_args, nondiff_args = _split_args(args, args_axes, B)
     _check_field_output(vector_field, y_treedef, y_flat, layout, diff_args, nondiff_args, tdtype)
 
     rows = max_steps
     if not adaptive:
-        known = _concrete_num_fixed_steps(t0, t1, dt0)
-        if known is not None:
+        num_steps = _concrete_num_fixed_steps(known["t0"], known["t1"], known["dt0"])
+        if num_steps is not None:
             # One spare row guards against a rounding disagreement with the device.
-            rows = max(1, min(max_steps, known + 1))
+            rows = max(1, min(max_steps, num_steps + 1))
     config = _reference.Config(adaptive=adaptive, save_ts=ts is not None, rows=rows)
     lane_fn = _lane_function(vector_field, y_treedef, layout)
     backend = _choose_backend(backend, lane_fn, layout, y_flat, diff_args, nondiff_args, tdtype)
+    _check_pallas_device(backend, interpret)
     core = _make_core(lane_fn, layout, config, choose_dt0=dt0 is None, backend=backend, interpret=interpret)
 
     zero_t = jnp.zeros((), tdtype)
@@ -221,10 +224,12 @@ def solve(
 # ------------------------------------------------------------------------------ validation
 
 
-def _concrete(x) -> Optional[np.ndarray]:
-    """The value of x if known at trace time, else None."""
+def _concrete(x, dtype) -> Optional[np.ndarray]:
+    """The value of x in ``dtype`` if known at trace time (None when absent or traced)."""
+    if x is None:
+        return None
     try:
-        return np.asarray(x)
+        return np.asarray(x).astype(dtype)
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
         return None
 
@@ -240,13 +245,13 @@ def _time_dtype(t0, t1, dt0, ts):
     return dtype
 
 
-def _check_times(t0, t1, dt0, ts):
+def _check_times(t0, t1, dt0, ts, known):
     """Concrete problems raise now; traced ones raise at run time (equinox error_if)."""
-    c0, c1 = _concrete(t0), _concrete(t1)
+    c0, c1 = known["t0"], known["t1"]
     if dt0 is not None:
         bad_sign = "dt0 must have the sign of t1 - t0 (negative to integrate backwards)"
         zero = "dt0 must be non-zero"
-        cd = _concrete(dt0)
+        cd = known["dt0"]
         if c0 is not None and c1 is not None and cd is not None:
             if (c1 - c0) * cd < 0:
                 raise ValueError(f"{bad_sign}; got t0={c0}, t1={c1}, dt0={cd}")
@@ -258,7 +263,7 @@ def _check_times(t0, t1, dt0, ts):
     if ts is not None:
         unsorted = "ts must be sorted in the direction of integration (increasing when t1 > t0)"
         outside = "ts must lie between t0 and t1"
-        cts = _concrete(ts)
+        cts = known["ts"]
         if c0 is not None and c1 is not None and cts is not None:
             direction = 1 if c0 < c1 else -1
             steps = np.diff(cts * direction)
@@ -275,9 +280,8 @@ def _check_times(t0, t1, dt0, ts):
     return t0, t1, dt0, ts
 
 
-def _concrete_num_fixed_steps(t0, t1, dt0) -> Optional[int]:
+def _concrete_num_fixed_steps(c0, c1, cd) -> Optional[int]:
     """diffrax's ConstantStepSize step count, when the times are known at trace time."""
-    c0, c1, cd = _concrete(t0), _concrete(t1), _concrete(dt0)
     if c0 is None or c1 is None or cd is None:
         return None
     direction = 1 if c0 < c1 else -1
@@ -427,6 +431,15 @@ def _choose_backend(backend, lane_fn, layout, y_flat, diff, nondiff, tdtype) -> 
     if backend == "auto":
         return "pallas" if reason is None and jax.default_backend() == "gpu" else "jax"
     return backend
+
+
+def _check_pallas_device(backend: str, interpret: bool) -> None:
+    if backend == "pallas" and not interpret and jax.default_backend() != "gpu":
+        raise ValueError(
+            f'backend="pallas" compiles GPU kernels, but the default JAX device is '
+            f'{jax.default_backend()}; pass interpret=True to run the kernels in interpret mode '
+            '(for testing), or use backend="jax"'
+        )
 
 
 def _make_core(lane_fn, layout: _ArgsLayout, config, *, choose_dt0: bool, backend: str, interpret: bool):

@@ -32,7 +32,7 @@ Y0 = jnp.ones(4)
         (dict(dt0=0.1, rtol=1e-6), ValueError, "rtol and atol must be given together"),
         (dict(dt0=0.1, max_steps=0), ValueError, "max_steps must be a positive int"),
         (dict(dt0=0.1, backend="cuda"), ValueError, "backend must be one of"),
-        (dict(dt0=0.1, backend="pallas"), NotImplementedError, 'backend="jax"'),
+        (dict(dt0=0.1, backend="pallas"), ValueError, "interpret=True"),
         (dict(dt0=0.1, args=jnp.ones(3), args_axes=0), ValueError, "needs a leading axis of 4 lanes"),
         (dict(dt0=0.1, args={"a": 1.0}, args_axes={"b": 0}), ValueError, "args_axes must be a prefix"),
         (dict(dt0=0.1, args=2.0, args_axes=0), ValueError, "not an array"),
