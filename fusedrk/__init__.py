@@ -5,5 +5,14 @@ Public names only; the implementation lives in private modules (see ../shared/DE
 
 from ._solve import RESULTS, Solution, solve
 
-__all__ = ["RESULTS", "Solution", "solve"]
+__all__ = ["AllSaveAdjoint", "RESULTS", "Solution", "solve"]
+
+
+def __getattr__(name):
+    # AllSaveAdjoint plugs into diffrax, which fusedrk does not otherwise need at run time.
+    if name == "AllSaveAdjoint":
+        from ._allsave import AllSaveAdjoint
+
+        return AllSaveAdjoint
+    raise AttributeError(f"module 'fusedrk' has no attribute {name!r}")
 __version__ = "0.1.0"

@@ -1,0 +1,232 @@
+"""AllSaveAdjoint: a diffrax adjoint that stores every step's internals once and sweeps back once.
+
+Owns: a while loop whose reverse mode stores, for every iteration actually taken, the
+residuals of the loop body's linearisation (what ``jax.vjp`` of one solver step keeps: stage
+values, controller decisions, save indices) in buffers of ``max_steps`` rows, and whose
+backward pass applies those stored linearisations in reverse order: time O(n), memory O(n),
+and no step is ever re-run. ``AllSaveAdjoint`` plugs it into ``diffrax.diffeqsolve`` as the
+outer loop; any explicit solver, step-size controller and SaveAt that diffrax supports work.
+
+Compared with diffrax's adjoints: ``RecursiveCheckpointAdjoint`` stores only step end states
+and recomputes each step in the backward pass; ``DirectAdjoint`` also avoids recomputation but
+differentiates through a bounded loop of nested scans sized by ``max_steps``. ``fusedrk.solve``
+is the same idea specialised to Tsit5 on batches, with a smaller tape (six stage increments).
+
+Must not: know about Tsit5 or fusedrk's tape layout; it is generic over the loop body.
+"""
+
+from __future__ import annotations
+
+import functools as ft
+import math
+
+import diffrax
+import equinox as eqx
+import equinox.internal as eqxi
+import jax
+import jax.extend.core as jax_core
+import jax.numpy as jnp
+import numpy as np
+from diffrax._heuristics import is_sde
+from diffrax._solver.runge_kutta import AbstractRungeKutta
+from jax import lax
+
+from ._solve import _device_memory_bytes
+
+
+class _Recorder:
+    """Receives the residual bytes per step at trace time (see ``bytes_per_step``)."""
+
+    def __init__(self):
+        self.bytes_per_step = None
+
+
+def _split(tree):
+    """Leaves of a loop carry in three groups: float arrays (differentiated), other arrays
+    (counters, flags: carried, not differentiated) and non-arrays (static)."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    kinds = tuple("f" if eqx.is_inexact_array(x) else ("a" if eqx.is_array(x) else "s") for x in leaves)
+    floats = [x for x, k in zip(leaves, kinds) if k == "f"]
+    arrays = [x for x, k in zip(leaves, kinds) if k == "a"]
+    static = tuple(x for x, k in zip(leaves, kinds) if k == "s")
+    return floats, arrays, (treedef, kinds, static)
+
+
+def _merge(floats, arrays, meta):
+    treedef, kinds, static = meta
+    floats, arrays, static = iter(floats), iter(arrays), iter(static)
+    leaves = [next(floats) if k == "f" else (next(arrays) if k == "a" else next(static)) for k in kinds]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _residual_bytes(shapes) -> int:
+    return sum(jnp.dtype(s.dtype).itemsize * math.prod(s.shape) for s in shapes)
+
+
+def _scalars_to_arrays(tree):
+    """Python scalars in a loop carry become arrays, as ``lax.while_loop`` makes them (diffrax's
+    initial state holds a few, and its loop body may return them either way)."""
+    return jax.tree_util.tree_map(
+        lambda x: jnp.asarray(x) if isinstance(x, (bool, int, float, complex, np.generic)) else x, tree
+    )
+
+
+def all_save_while_loop(cond_fun, body_fun, init_val, *, max_steps: int, recorder=None):
+    """``lax.while_loop`` (bounded by max_steps) whose reverse mode stores every iteration's
+    linearisation and replays none of them."""
+    init_val = _scalars_to_arrays(init_val)
+    floats0, arrays0, meta = _split(init_val)
+
+    def body_leaves(floats, arrays):
+        out_floats, out_arrays, out_meta = _split(_scalars_to_arrays(body_fun(_merge(floats, arrays, meta))))
+        assert out_meta[:2] == meta[:2], "the loop body changed the structure of its carry"
+        return out_floats, out_arrays
+
+    # Every value the body closes over (the solver's args and terms among them) becomes an
+    # explicit input: floats are differentiated, the rest only carried. Nothing traced may stay
+    # closed over, or the stored pullbacks could not be rebuilt in the backward trace.
+    closed, out_shape = jax.make_jaxpr(body_leaves, return_shape=True)(floats0, arrays0)
+    out_tree = jax.tree_util.tree_structure(out_shape)
+    const_is_float = [eqx.is_inexact_array(c) for c in closed.consts]
+    float_consts = [c for c, f in zip(closed.consts, const_is_float) if f]
+    other_consts = [c for c, f in zip(closed.consts, const_is_float) if not f]
+
+    def step(floats, float_consts, arrays, other_consts):
+        f_iter, o_iter = iter(float_consts), iter(other_consts)
+        consts = [next(f_iter) if f else next(o_iter) for f in const_is_float]
+        flat = jax_core.jaxpr_as_fun(jax_core.ClosedJaxpr(closed.jaxpr, consts))(*floats, *arrays)
+        return jax.tree_util.tree_unflatten(out_tree, flat)
+
+    cond_closed = jax.make_jaxpr(lambda f, a: cond_fun(_merge(f, a, meta)))(floats0, arrays0)
+
+    def cond(n, floats, arrays, cond_consts):
+        keep_going = jax_core.jaxpr_as_fun(jax_core.ClosedJaxpr(cond_closed.jaxpr, cond_consts))(*floats, *arrays)
+        return (n < max_steps) & keep_going[0]
+
+    def linearised(floats, consts, arrays, other_consts):
+        # Every input is a primal (nothing closed over), so the pullback's static part holds no
+        # tracer of the forward trace.
+        out_floats, pullback, out_arrays = jax.vjp(step, floats, consts, arrays, other_consts, has_aux=True)
+        return out_floats, out_arrays, pullback
+
+    res_shapes = jax.eval_shape(
+        lambda *x: jax.tree_util.tree_leaves(linearised(*x)[2]), floats0, float_consts, arrays0, other_consts
+    )
+    per_step = _residual_bytes(res_shapes)
+    if recorder is not None:
+        recorder.bytes_per_step = per_step
+    pullback_def = []
+
+    @jax.custom_vjp
+    def run(floats, consts, arrays, other_consts, cond_consts):
+        def loop_body(c):
+            n, f, a = c
+            return (n + 1, *step(f, consts, a, other_consts))
+
+        _, floats, arrays = lax.while_loop(lambda c: cond(*c, cond_consts), loop_body, (jnp.int32(0), floats, arrays))
+        return floats, arrays
+
+    def run_fwd(floats, consts, arrays, other_consts, cond_consts):
+        needed, available = per_step * max_steps, _device_memory_bytes()
+        if needed > available:
+            raise MemoryError(
+                f"AllSaveAdjoint needs {per_step} bytes per step x max_steps={max_steps} = "
+                f"{needed / 2**30:.2f} GiB of residuals, more than the device's {available / 2**30:.2f} "
+                "GiB; lower max_steps or use diffrax.RecursiveCheckpointAdjoint"
+            )
+        buffers = [jnp.zeros((max_steps,) + s.shape, s.dtype) for s in res_shapes]
+
+        def loop_body(c):
+            n, f, a, bufs = c
+            out_f, out_a, pullback = linearised(f, consts, a, other_consts)
+            leaves, treedef = jax.tree_util.tree_flatten(pullback)
+            pullback_def[:] = [treedef]
+            bufs = [b.at[n].set(x) for b, x in zip(bufs, leaves)]
+            return n + 1, out_f, out_a, bufs
+
+        n, floats, arrays, buffers = eqxi.while_loop(
+            lambda c: cond(*c[:3], cond_consts), loop_body, (jnp.int32(0), floats, arrays, buffers),
+            kind="lax", buffers=lambda c: c[3],
+        )
+        return (floats, arrays), (n, buffers, consts)
+
+    def run_bwd(residuals, cotangents):
+        n, buffers, consts = residuals
+        floats_bar = cotangents[0]
+        (treedef,) = pullback_def
+
+        def loop_body(i, c):
+            f_bar, k_bar = c
+            pullback = jax.tree_util.tree_unflatten(treedef, [b[n - 1 - i] for b in buffers])
+            f_bar, step_k_bar, _, _ = pullback(f_bar)
+            return f_bar, jax.tree_util.tree_map(jnp.add, k_bar, step_k_bar)
+
+        k_bar = jax.tree_util.tree_map(jnp.zeros_like, consts)
+        floats_bar, k_bar = lax.fori_loop(0, n, loop_body, (floats_bar, k_bar))
+        return floats_bar, k_bar, None, None, None
+
+    run.defvjp(run_fwd, run_bwd)
+    floats, arrays = run(floats0, float_consts, arrays0, other_consts, cond_closed.consts)
+    return _merge(floats, arrays, meta)
+
+
+class AllSaveAdjoint(diffrax.AbstractAdjoint):
+    """Backpropagate through ``diffrax.diffeqsolve`` by storing every step's internals once.
+
+    The forward pass keeps, for each step taken, the residuals of that step's linearisation;
+    the backward pass is one reverse sweep over the steps actually taken (not over
+    ``max_steps``) that applies them. No step, stage or controller decision is recomputed, so
+    the vector field is evaluated exactly as often in the backward pass as in the forward.
+    Memory: ``bytes_per_step(...)`` per step, times ``max_steps``, allocated up front.
+
+    Works with explicit solvers (Tsit5, Dopri5, Dopri8, Heun, Euler, ...), ConstantStepSize or
+    PIDController, SaveAt(t0/t1/ts/steps), pytree states and args. Reverse mode only.
+    """
+
+    recorder: object = eqx.field(default=None, static=True)
+
+    def loop(self, *, solver, max_steps, terms, throw, passed_solver_state, passed_controller_state,
+             event, **kwargs):
+        del throw, passed_solver_state, passed_controller_state
+        if isinstance(solver, diffrax.AbstractImplicitSolver):
+            raise ValueError(
+                f"AllSaveAdjoint supports explicit solvers only, got {type(solver).__name__}; use "
+                "diffrax.RecursiveCheckpointAdjoint() for implicit solvers"
+            )
+        if is_sde(terms):
+            raise ValueError("AllSaveAdjoint does not support SDEs; use diffrax.RecursiveCheckpointAdjoint()")
+        if event is not None:
+            raise ValueError("AllSaveAdjoint does not support events; use diffrax.RecursiveCheckpointAdjoint()")
+        if max_steps is None:
+            raise ValueError("AllSaveAdjoint allocates max_steps rows of residuals: pass max_steps=...")
+        if isinstance(solver, AbstractRungeKutta) and solver.scan_kind is None:
+            # The stage loop must be reverse-differentiable without checkpointing (which would
+            # recompute stages): diffrax's "bounded" scan stores its residuals.
+            solver = eqx.tree_at(lambda s: s.scan_kind, solver, "bounded", is_leaf=lambda x: x is None)
+        return self._loop(
+            solver=solver,
+            max_steps=max_steps,
+            terms=terms,
+            event=event,
+            inner_while_loop=ft.partial(eqxi.while_loop, kind="bounded"),
+            outer_while_loop=ft.partial(_outer_loop, recorder=self.recorder),
+            **kwargs,
+        )
+
+    @staticmethod
+    def bytes_per_step(terms, solver, t0, t1, dt0, y0, args=None, **diffeqsolve_kwargs) -> int:
+        """Residual bytes stored per step by this adjoint for this problem (no work is done:
+        the solve is only traced). Multiply by max_steps for the memory it allocates."""
+        recorder = _Recorder()
+        jax.eval_shape(
+            lambda y0, args: diffrax.diffeqsolve(terms, solver, t0, t1, dt0, y0, args,
+                                                 adjoint=AllSaveAdjoint(recorder=recorder),
+                                                 **diffeqsolve_kwargs),
+            y0, args,
+        )
+        return recorder.bytes_per_step
+
+
+def _outer_loop(cond_fun, body_fun, init_val, *, max_steps, buffers=None, recorder=None, **_):
+    del buffers  # the saved outputs are carried as ordinary arrays
+    return all_save_while_loop(cond_fun, body_fun, init_val, max_steps=max_steps, recorder=recorder)
