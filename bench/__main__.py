@@ -1,0 +1,345 @@
+"""python -m bench: fusedrk against every diffrax adjoint on the project's workloads.
+
+    python -m bench --quick                      # CPU-sized, under 2 minutes on 2 cores
+    python -m bench                              # full size, for one GPU run
+    python -m bench --workloads seed lorenz --methods fusedrk-jax diffrax-direct --out DIR
+
+Every timing: compile separately, warm-up, block_until_ready, median (and p20/p80) of repeats,
+beside the relative error of the result and of the gradient against the oracle
+(jax.vmap(diffrax.diffeqsolve) with RecursiveCheckpointAdjoint). A result outside its
+rounding-derived tolerance marks the row FAILED. Writes results.csv, results.md and
+results.png under --out (default bench/results/) and prints the markdown table last.
+See bench/README.md for the columns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import os
+import sys
+import time
+from typing import Callable, NamedTuple
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+
+import fusedrk
+from fusedrk import problems
+from fusedrk._solve import tape_bytes
+
+DIFFRAX_METHODS = {
+    "diffrax-rca": lambda steps: diffrax.RecursiveCheckpointAdjoint(),
+    "diffrax-rca-full": lambda steps: diffrax.RecursiveCheckpointAdjoint(checkpoints=steps),
+    "diffrax-direct": lambda steps: diffrax.DirectAdjoint(),
+    "diffrax-backsolve": lambda steps: diffrax.BacksolveAdjoint(),
+    "diffrax-allsave": lambda steps: fusedrk.AllSaveAdjoint(),
+}
+FUSEDRK_METHODS = ("fusedrk-jax", "fusedrk-pallas")
+DEFAULT = "diffrax-rca"  # diffrax's default adjoint: the speed-up baseline and the oracle
+COLUMNS = ["device", "jax", "jaxlib", "diffrax", "workload", "mode", "B", "steps", "method", "compile_s",
+           "median_ms", "p20_ms", "p80_ms", "extrapolated", "speedup_vs_diffrax_default", "tape_bytes",
+           "tape_gbps", "traj_steps_per_s", "ys_rel_err", "grad_rel_err", "status"]
+OPTIONAL_PEERS = ("torchdiffeq", "torchode", "gradsolve")
+
+
+class Case(NamedTuple):
+    """One workload at one size: how to build each method's loss(params) at a horizon."""
+
+    workload: str
+    mode: str  # "grad" or "forward"
+    B: int
+    t1: float  # fusedrk's horizon
+    t1_diffrax: float  # diffrax's (shorter for the 80,000-step seed; timings extrapolated)
+    steps: int  # fixed steps at t1, or max_steps for adaptive solves
+    adaptive: bool
+    params: jax.Array
+    ours: Callable  # ours(backend, t1, interpret) -> fn(params) returning (loss, ys)
+    theirs: Callable  # theirs(adjoint, t1) -> fn(params) returning (loss, ys)
+    state_per_lane: int  # floats of state per lane (tape accounting)
+
+
+def _seed_case(name, quick):
+    p = problems.PROBLEMS[name]
+    # Quick: 800 steps of the seed, 200 of the costlier state-dependent variant.
+    t1 = (80.0 if name == "seed" else 20.0) if quick else p.t1
+    t1_diffrax = t1 if quick else 800.0
+    y0, _ = p.make(2250, jnp.float32)
+
+    def ours(backend, horizon, interpret=False):
+        steps = int(round(horizon / p.dt0))
+
+        def fn(y0):
+            sol = fusedrk.solve(p.field, y0, p.t0, horizon, dt0=p.dt0, max_steps=steps + 1, backend=backend,
+                                interpret=interpret)
+            return jnp.sum(sol.ys), sol.ys[:, 0]
+
+        return fn
+
+    def theirs(adjoint, horizon):
+        steps = int(round(horizon / p.dt0))
+
+        def fn(y0):  # the seed as DESIGN.md states it: one ODE with y in R^2250
+            sol = diffrax.diffeqsolve(diffrax.ODETerm(p.field), diffrax.Tsit5(), p.t0, horizon, p.dt0, y0,
+                                      max_steps=steps + 1, adjoint=adjoint)
+            return jnp.sum(sol.ys), sol.ys[0]
+
+        return fn
+
+    return [Case(name, "grad", 2250, t1, t1_diffrax, int(round(t1 / p.dt0)), False, y0, ours, theirs, 1)]
+
+
+def _ensemble_cases(name, quick, sizes):
+    adaptive = name.endswith("-adaptive") or name == "vdp"
+    p = problems.VDP if name == "vdp" else problems.LORENZ
+    ts = jnp.linspace(p.t1 / 10, p.t1, 10)
+    tol = dict(rtol=1e-6, atol=1e-6) if adaptive else {}
+    max_steps = 1024 if adaptive else int(round(p.t1 / p.dt0)) + 1
+
+    def make(B):
+        y0, param = p.make(B, jnp.float32)
+
+        def loss_of(ys):
+            return sum(jnp.mean(leaf ** 2) for leaf in jax.tree_util.tree_leaves(ys))
+
+        def ours(backend, horizon, interpret=False):
+            def fn(param):
+                sol = fusedrk.solve(p.field, y0, p.t0, horizon, args=param, args_axes=0, dt0=p.dt0, ts=ts,
+                                    max_steps=max_steps, backend=backend, interpret=interpret, **tol)
+                return loss_of(sol.ys), sol.ys
+
+            return fn
+
+        def theirs(adjoint, horizon):
+            controller = diffrax.PIDController(**tol) if adaptive else diffrax.ConstantStepSize()
+
+            def fn(param):
+                def one(y0_lane, param_lane):
+                    return diffrax.diffeqsolve(diffrax.ODETerm(p.field), diffrax.Tsit5(), p.t0, horizon, p.dt0, y0_lane,
+                                               param_lane, saveat=diffrax.SaveAt(ts=ts), adjoint=adjoint,
+                                               stepsize_controller=controller, max_steps=max_steps).ys
+
+                ys = jax.vmap(one)(y0, param)
+                return loss_of(ys), ys
+
+            return fn
+
+        return param, ours, theirs
+
+    state = 2 if name == "vdp" else 3
+    cases = []
+    for B in sizes:
+        param, ours, theirs = make(B)
+        for mode in ("grad", "forward"):
+            cases.append(Case(name, mode, B, p.t1, p.t1, max_steps, adaptive, param, ours, theirs, state))
+    return cases
+
+
+def build_cases(workloads, quick):
+    cases = []
+    for name in workloads:
+        if name in ("seed", "seed-nl"):
+            cases += _seed_case(name, quick)
+        elif name == "lorenz":
+            cases += _ensemble_cases(name, quick, [2**k for k in ((6, 8) if quick else range(10, 21, 2))])
+        elif name == "lorenz-adaptive":
+            cases += _ensemble_cases(name, quick, [2**6] if quick else [2**10, 2**14, 2**18])
+        elif name == "vdp":
+            cases += _ensemble_cases(name, quick, [64] if quick else [4096])
+    return cases
+
+
+def timed(fn, arg, repeats):
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn(arg))
+    compile_s = time.perf_counter() - start
+    jax.block_until_ready(fn(arg))  # warm-up after compilation
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(arg))
+        runs.append(time.perf_counter() - start)
+    return out, compile_s, np.percentile(runs, [20, 50, 80])
+
+
+def rel_err(a, b) -> float:
+    a = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree_util.tree_leaves(a)])
+    b = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree_util.tree_leaves(b)])
+    ok = np.isfinite(b)
+    if not np.array_equal(ok, np.isfinite(a)):
+        return float("inf")
+    return float(np.max(np.abs(a[ok] - b[ok]), initial=0.0) / max(np.max(np.abs(b[ok]), initial=0.0), 1e-30))
+
+
+def tolerance(steps: int) -> float:
+    """Relative error allowed between two float32 Tsit5 implementations (see tests/conftest)."""
+    return 10 * float(jnp.finfo(jnp.float32).eps) * steps * 10  # x10: gradients sweep twice
+
+
+def run_case(case: Case, method: str, repeats: int, interpret: bool, oracle: dict) -> dict:
+    is_ours = method in FUSEDRK_METHODS
+    horizon = case.t1 if is_ours else case.t1_diffrax
+    if is_ours:
+        build = lambda h: case.ours(method.split("-")[1], h, interpret)  # noqa: E731
+    else:
+        build = lambda h: case.theirs(DIFFRAX_METHODS[method](case.steps), h)  # noqa: E731
+    fn = build(horizon)
+    if case.mode == "grad":
+        timed_fn = jax.jit(jax.grad(lambda x: fn(x)[0]))
+    else:
+        timed_fn = jax.jit(lambda x: fn(x)[1])
+    out, compile_s, (p20, p50, p80) = timed(timed_fn, case.params, repeats)
+    scale = (case.t1 / case.t1_diffrax) if not is_ours else 1.0
+    # Accuracy at diffrax's horizon, against the oracle there (the timed result when the
+    # horizons agree, which saves a compilation).
+    check = build(case.t1_diffrax) if horizon != case.t1_diffrax else fn
+    if case.mode == "forward" and check is fn:
+        ys, grad = out, None
+    else:
+        ys = jax.jit(lambda x: check(x)[1])(case.params)
+        grad = None if case.mode == "forward" else (
+            out if check is fn else jax.jit(jax.grad(lambda x: check(x)[0]))(case.params))
+    ys_err = rel_err(ys, oracle["ys"])
+    grad_err = rel_err(grad, oracle["grad"]) if grad is not None else float("nan")
+    steps_checked = case.steps * case.t1_diffrax / case.t1
+    bad = ys_err > tolerance(steps_checked) or (grad is not None and not grad_err <= tolerance(steps_checked))
+    row = dict(workload=case.workload, mode=case.mode, B=case.B, steps=case.steps, method=method,
+               compile_s=compile_s, median_ms=p50 * 1e3 * scale, p20_ms=p20 * 1e3 * scale, p80_ms=p80 * 1e3 * scale,
+               extrapolated=scale != 1.0, ys_rel_err=ys_err, grad_rel_err=grad_err, status="FAILED" if bad else "ok")
+    row["traj_steps_per_s"] = case.B * case.steps / (row["median_ms"] / 1e3)
+    if is_ours and case.mode == "grad":
+        rows = case.steps + 1
+        row["tape_bytes"] = tape_bytes(rows, (jnp.zeros((case.B, case.state_per_lane), jnp.float32),), 4)
+        row["tape_gbps"] = 2 * row["tape_bytes"] / (row["median_ms"] / 1e3) / 1e9
+    return row
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = sum(1 for r in rows if r["mode"] == "grad" and r.get("speedup_vs_diffrax_default"))
+    fig, (ax_time, ax_speed) = plt.subplots(1, 2, figsize=(14, max(5, 0.22 * bars)))
+    series = {}
+    for r in rows:
+        if r["mode"] == "grad" and r["status"] == "ok":
+            series.setdefault((r["workload"], r["method"]), []).append((r["B"], r["median_ms"]))
+    for (workload, method), points in sorted(series.items()):
+        if len(points) > 1:
+            b, ms = zip(*sorted(points))
+            ax_time.loglog(b, ms, marker="o", label=f"{workload} {method}")
+    ax_time.set_xlabel("batch size B")
+    ax_time.set_ylabel("jit(grad) time [ms]")
+    ax_time.set_title("time vs batch size")
+    if ax_time.lines:
+        ax_time.legend(fontsize=7)
+    labels, speedups = [], []
+    for r in rows:
+        if r["mode"] == "grad" and r.get("speedup_vs_diffrax_default"):
+            labels.append(f"{r['workload']} B={r['B']} {r['method']}")
+            speedups.append(r["speedup_vs_diffrax_default"])
+    ax_speed.barh(range(len(speedups)), speedups)
+    ax_speed.set_yticks(range(len(speedups)), labels, fontsize=7)
+    ax_speed.set_xscale("log")
+    ax_speed.axvline(1.0, color="k", lw=0.8)
+    ax_speed.set_xlabel(f"speed-up vs {DEFAULT} (jit(grad))")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown(rows) -> str:
+    head = "| workload | mode | B | steps | method | median ms | speed-up | tape GB/s | ys err | grad err | status |"
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        speed = r.get("speedup_vs_diffrax_default")
+        gbps = r.get("tape_gbps")
+        lines.append(
+            f"| {r['workload']} | {r['mode']} | {r['B']} | {r['steps']} | {r['method']} | "
+            f"{r['median_ms']:.2f}{'*' if r['extrapolated'] else ''} | {f'{speed:.1f}x' if speed else ''} | "
+            f"{f'{gbps:.1f}' if gbps else ''} | {r['ys_rel_err']:.1e} | {r['grad_rel_err']:.1e} | {r['status']} |"
+        )
+    lines.append("\n`*` diffrax timed on a shorter horizon and extrapolated linearly per step.")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.path.join("bench", "results"))
+    parser.add_argument("--quick", action="store_true", help="CPU-sized run (under 2 minutes on 2 cores)")
+    parser.add_argument("--workloads", nargs="+", default=["seed", "seed-nl", "lorenz", "lorenz-adaptive", "vdp"],
+                        choices=["seed", "seed-nl", "lorenz", "lorenz-adaptive", "vdp"])
+    parser.add_argument("--methods", nargs="+", default=None, choices=[*DIFFRAX_METHODS, *FUSEDRK_METHODS],
+                        help="default: every diffrax adjoint and fusedrk-jax, plus fusedrk-pallas on a GPU")
+    parser.add_argument("--interpret", action="store_true", help="run fusedrk-pallas in interpret mode")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5; 3 with --quick)")
+    opts = parser.parse_args(argv)
+    from tqdm import tqdm
+
+    repeats = opts.repeats or (3 if opts.quick else 5)
+
+    def methods_for(case):
+        if opts.methods:
+            chosen = opts.methods
+        elif opts.quick and case.workload not in ("seed", "seed-nl"):
+            # Quick ensembles keep to three methods: compilation dominates a 2-core budget.
+            chosen = ["diffrax-direct", "fusedrk-jax"]
+        else:
+            chosen = [*DIFFRAX_METHODS, "fusedrk-jax"] + (["fusedrk-pallas"] if jax.default_backend() == "gpu" else [])
+        chosen = chosen if DEFAULT in chosen else [DEFAULT, *chosen]
+        if case.mode == "forward":  # the adjoint does not matter for a forward solve
+            chosen = [m for m in chosen if m in (DEFAULT, *FUSEDRK_METHODS)]
+        return chosen
+
+    for peer in OPTIONAL_PEERS:
+        if importlib.util.find_spec(peer) is None:
+            print(f"note: {peer} is not installed; its rows are skipped")
+    meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, jaxlib=jaxlib.__version__,
+                diffrax=diffrax.__version__)
+    cases = build_cases(opts.workloads, opts.quick)
+    rows = []
+    with tqdm(total=sum(len(methods_for(c)) for c in cases), desc="bench", file=sys.stderr) as bar:
+        for case in cases:
+            oracle_fn = case.theirs(DIFFRAX_METHODS[DEFAULT](case.steps), case.t1_diffrax)
+            oracle = dict(ys=jax.jit(lambda x: oracle_fn(x)[1])(case.params))
+            if case.mode == "grad":
+                oracle["grad"] = jax.jit(jax.grad(lambda x: oracle_fn(x)[0]))(case.params)
+            case_rows = []
+            for method in methods_for(case):
+                bar.set_postfix_str(f"{case.workload} {case.mode} B={case.B} {method}")
+                try:
+                    row = run_case(case, method, repeats, opts.interpret, oracle)
+                except Exception as e:  # a method that cannot run this case is reported, not hidden
+                    row = dict(workload=case.workload, mode=case.mode, B=case.B, steps=case.steps, method=method,
+                               compile_s=float("nan"), median_ms=float("nan"), p20_ms=float("nan"),
+                               p80_ms=float("nan"), extrapolated=False, ys_rel_err=float("nan"),
+                               grad_rel_err=float("nan"), status=f"FAILED: {type(e).__name__}: {str(e)[:80]}")
+                case_rows.append(row)
+                bar.update()
+            base = next((r["median_ms"] for r in case_rows if r["method"] == DEFAULT), None)
+            for r in case_rows:
+                r["speedup_vs_diffrax_default"] = base / r["median_ms"] if base and r["median_ms"] > 0 else None
+                rows.append({**meta, **r})
+    os.makedirs(opts.out, exist_ok=True)
+    with open(os.path.join(opts.out, "results.csv"), "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: r.get(k, "") for k in COLUMNS})
+    table = markdown(rows)
+    with open(os.path.join(opts.out, "results.md"), "w") as fh:
+        fh.write(f"device {meta['device']}, jax {meta['jax']}, diffrax {meta['diffrax']}\n\n{table}\n")
+    plot(rows, os.path.join(opts.out, "results.png"))
+    print(f"device {meta['device']}, jax {meta['jax']}, jaxlib {meta['jaxlib']}, diffrax {meta['diffrax']}")
+    print(table)
+    return 1 if any(r["status"] != "ok" for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
