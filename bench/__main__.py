@@ -298,8 +298,8 @@ def main(argv=None) -> int:
         return chosen
 
     for peer in OPTIONAL_PEERS:
-        if importlib.util.find_spec(peer) is None:
-            print(f"note: {peer} is not installed; its rows are skipped")
+        state = "is not installed" if importlib.util.find_spec(peer) is None else "has no runner in this harness yet"
+        print(f"note: {peer} {state}; its rows are skipped")
     meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, jaxlib=jaxlib.__version__,
                 diffrax=diffrax.__version__)
     cases = build_cases(opts.workloads, opts.quick)
