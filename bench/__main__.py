@@ -19,17 +19,16 @@ import csv
 import importlib.util
 import os
 import sys
-import time
 from typing import Callable, NamedTuple
 
 import diffrax
 import jax
 import jax.numpy as jnp
 import jaxlib
-import numpy as np
 
 import fusedrk
 from fusedrk import problems
+from fusedrk._measure import rel_err, timed
 from fusedrk._solve import tape_bytes
 
 DIFFRAX_METHODS = {
@@ -153,28 +152,6 @@ def build_cases(workloads, quick):
     return cases
 
 
-def timed(fn, arg, repeats):
-    start = time.perf_counter()
-    out = jax.block_until_ready(fn(arg))
-    compile_s = time.perf_counter() - start
-    jax.block_until_ready(fn(arg))  # warm-up after compilation
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(arg))
-        runs.append(time.perf_counter() - start)
-    return out, compile_s, np.percentile(runs, [20, 50, 80])
-
-
-def rel_err(a, b) -> float:
-    a = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree_util.tree_leaves(a)])
-    b = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree_util.tree_leaves(b)])
-    ok = np.isfinite(b)
-    if not np.array_equal(ok, np.isfinite(a)):
-        return float("inf")
-    return float(np.max(np.abs(a[ok] - b[ok]), initial=0.0) / max(np.max(np.abs(b[ok]), initial=0.0), 1e-30))
-
-
 def tolerance(steps: int) -> float:
     """Relative error allowed between two float32 Tsit5 implementations (see tests/conftest)."""
     return 10 * float(jnp.finfo(jnp.float32).eps) * steps * 10  # x10: gradients sweep twice
@@ -192,7 +169,7 @@ def run_case(case: Case, method: str, repeats: int, interpret: bool, oracle: dic
         timed_fn = jax.jit(jax.grad(lambda x: fn(x)[0]))
     else:
         timed_fn = jax.jit(lambda x: fn(x)[1])
-    out, compile_s, (p20, p50, p80) = timed(timed_fn, case.params, repeats)
+    out, compile_s, p20, p50, p80 = timed(timed_fn, case.params, repeats=repeats)
     scale = (case.t1 / case.t1_diffrax) if not is_ours else 1.0
     # Accuracy at diffrax's horizon, against the oracle there (the timed result when the
     # horizons agree, which saves a compilation).

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +24,7 @@ import numpy as np
 
 import fusedrk
 from fusedrk import problems
+from fusedrk._measure import rel_err, timed
 
 ROWS = []
 INTERPRET = False  # --interpret: run the kernels in interpret mode (a CPU smoke run of this script)
@@ -36,24 +36,6 @@ def solve(*args, backend, **kw):
 
 def log(msg: str) -> None:
     print(msg, flush=True)
-
-
-def timed(fn, *args, repeats=5):
-    start = time.perf_counter()
-    out = jax.block_until_ready(fn(*args))
-    compile_s = time.perf_counter() - start
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        runs.append(time.perf_counter() - start)
-    return out, compile_s, float(np.median(runs))
-
-
-def rel_err(a, b) -> float:
-    a = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(a)])
-    b = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(b)])
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
 
 
 def correctness() -> bool:
@@ -92,7 +74,7 @@ def bench_seed(name: str, quick: bool) -> None:
     def loss(backend, y0, t_end, max_steps):
         return jnp.sum(solve(p.field, y0, 0.0, t_end, dt0=p.dt0, backend=backend, max_steps=max_steps).ys)
 
-    grad, c, run = timed(jax.jit(jax.grad(lambda y: loss("pallas", y, t1, steps + 1))), y0)
+    grad, c, _, run, _ = timed(jax.jit(jax.grad(lambda y: loss("pallas", y, t1, steps + 1))), y0)
     short = max(steps // 100, 10)
     check = jax.jit(jax.grad(lambda y: loss("jax", y, short * p.dt0, short + 1)))(y0)
     mine = jax.jit(jax.grad(lambda y: loss("pallas", y, short * p.dt0, short + 1)))(y0)
@@ -109,7 +91,7 @@ def diffrax_per_step_ms(p, y0, steps) -> float:
                                   max_steps=steps + 1)
         return jnp.sum(sol.ys)
 
-    _, _, run = timed(jax.jit(jax.grad(loss)), y0, repeats=2)
+    run = timed(jax.jit(jax.grad(loss)), y0, repeats=2).median_s
     return run * 1e3 / steps
 
 
@@ -126,10 +108,10 @@ def bench_lorenz(adaptive: bool, quick: bool) -> None:
         sol = solve(p.field, y0, 0.0, 1.0, args=rho, args_axes=0, backend=backend, **kw)
         return jnp.mean(sol.ys[2] ** 2)
 
-    grad, c, run = timed(jax.jit(jax.grad(lambda r: loss("pallas", r))), rho)
+    grad, c, _, run, _ = timed(jax.jit(jax.grad(lambda r: loss("pallas", r))), rho)
     check = jax.jit(jax.grad(lambda r: loss("jax", r)))(rho)
-    _, c_fwd, run_fwd = timed(jax.jit(lambda r: solve(p.field, y0, 0.0, 1.0, args=r, args_axes=0,
-                                                      backend="pallas", **kw).ys), rho)
+    run_fwd = timed(jax.jit(lambda r: solve(p.field, y0, 0.0, 1.0, args=r, args_axes=0,
+                                                      backend="pallas", **kw).ys), rho).median_s
     name = "lorenz-adaptive" if adaptive else "lorenz"
     record(name, f"B={B}", run, c, rel_err(grad, check), None, None, forward_ms=run_fwd * 1e3)
 

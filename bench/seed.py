@@ -13,27 +13,14 @@ y in R^2250); fusedrk solves 2,250 one-dimensional lanes, the same arithmetic.
 from __future__ import annotations
 
 import argparse
-import time
 
 import diffrax
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import fusedrk
 from fusedrk import problems
-
-
-def timed(fn, x, repeats):
-    start = time.perf_counter()
-    out = jax.block_until_ready(fn(x))
-    compile_s = time.perf_counter() - start
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(x))
-        runs.append(time.perf_counter() - start)
-    return out, compile_s, float(np.median(runs))
+from fusedrk._measure import rel_err, timed
 
 
 def main() -> None:
@@ -72,9 +59,9 @@ def main() -> None:
     reference = None
     results = {}
     for name, loss in methods.items():
-        grad, compile_s, run_s = timed(jax.jit(jax.grad(loss)), y0, opts.repeats)
+        grad, compile_s, _, run_s, _ = timed(jax.jit(jax.grad(loss)), y0, repeats=opts.repeats)
         reference = grad if reference is None else reference
-        err = float(jnp.max(jnp.abs(grad - reference)) / jnp.max(jnp.abs(reference)))
+        err = rel_err(grad, reference)
         results[name] = run_s
         print(f"{name:58s} run {run_s * 1e3:9.1f} ms  compile {compile_s:5.1f} s  grad rel err {err:.1e}")
     fastest = min(v for k, v in results.items() if k.startswith("diffrax ") and "fusedrk" not in k)

@@ -9,7 +9,6 @@ both. Sized to finish in well under a minute on two CPU cores.
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 
@@ -20,23 +19,7 @@ import numpy as np  # noqa: E402
 
 import fusedrk  # noqa: E402
 from fusedrk import problems  # noqa: E402
-
-
-def _time(fn, *args, repeats=3):
-    start = time.perf_counter()
-    out = jax.block_until_ready(fn(*args))
-    compile_s = time.perf_counter() - start
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        runs.append(time.perf_counter() - start)
-    return out, compile_s, float(np.median(runs))
-
-
-def _rel_err(a, b):
-    a, b = np.asarray(a), np.asarray(b)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
+from fusedrk._measure import rel_err, timed  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -60,8 +43,8 @@ def main(argv=None) -> None:
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     print(f"problem: {opts.batch} Van der Pol oscillators, per-lane mu in [0.5, 3], t in [0, 6], "
           "adaptive Tsit5 (rtol = atol = 1e-8), 25 save times, float64")
-    sol, c_fwd, t_fwd = _time(jax.jit(ours), mu)
-    grad, c_grad, t_grad = _time(jax.jit(jax.grad(lambda m: loss(ours(m).ys))), mu)
+    sol, c_fwd, _, t_fwd, _ = timed(jax.jit(ours), mu, repeats=3)
+    grad, c_grad, _, t_grad, _ = timed(jax.jit(jax.grad(lambda m: loss(ours(m).ys))), mu, repeats=3)
     steps = np.asarray(sol.stats["num_steps"])
     print(f"fusedrk  forward    {t_fwd * 1e3:9.2f} ms   (compile {c_fwd:.1f} s), steps per lane "
           f"{steps.min()}..{steps.max()}, rejected {int(np.sum(sol.stats['num_rejected_steps']))}")
@@ -84,16 +67,16 @@ def main(argv=None) -> None:
         return jax.vmap(one)(y0, mu)
 
     adjoint = diffrax.RecursiveCheckpointAdjoint()
-    ref, _, t_ref_fwd = _time(jax.jit(lambda m: oracle(m, adjoint)), mu)
+    ref, _, _, t_ref_fwd, _ = timed(jax.jit(lambda m: oracle(m, adjoint)), mu, repeats=3)
     same_steps = bool(np.array_equal(sol.stats["num_steps"], ref.stats["num_steps"]))
     print(f"agreement with jax.vmap(diffrax.diffeqsolve): ys max rel err "
-          f"{max(_rel_err(sol.ys[k], ref.ys[k]) for k in ('x', 'v')):.1e}, "
+          f"{rel_err(sol.ys, ref.ys):.1e}, "
           f"equal step counts per lane: {same_steps}")
     for adjoint in (diffrax.RecursiveCheckpointAdjoint(), diffrax.DirectAdjoint()):
         name = type(adjoint).__name__
-        ref_grad, _, t_ref = _time(jax.jit(jax.grad(lambda m: loss(oracle(m, adjoint).ys))), mu)
+        ref_grad, _, _, t_ref, _ = timed(jax.jit(jax.grad(lambda m: loss(oracle(m, adjoint).ys))), mu, repeats=3)
         print(f"diffrax  jit(grad)  {t_ref * 1e3:9.2f} ms   {name}: gradient max rel err "
-              f"{_rel_err(grad, ref_grad):.1e}, fusedrk {t_ref / t_grad:.1f}x faster")
+              f"{rel_err(grad, ref_grad):.1e}, fusedrk {t_ref / t_grad:.1f}x faster")
     print(f"diffrax  forward    {t_ref_fwd * 1e3:9.2f} ms   fusedrk {t_ref_fwd / t_fwd:.1f}x faster")
 
 

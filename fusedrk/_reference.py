@@ -251,7 +251,6 @@ def backward(
     """
     tape = fwd.tape
     B = _batch(y0)
-    T = times.ts.shape[0]
     lanes = jnp.arange(B)
     zeros = tuple(jnp.zeros_like(y) for y in y0)
     if config.save_ts:

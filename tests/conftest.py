@@ -56,3 +56,23 @@ def assert_tree_close(actual, expected, rtol, atol=None):
         assert a.shape == e.shape, (a.shape, e.shape)
         scale = max(float(np.max(np.abs(e[np.isfinite(e)]), initial=0.0)), 1e-300)
         np.testing.assert_allclose(a, e, rtol=rtol, atol=(rtol * scale if atol is None else atol))
+
+
+class CountedField:
+    """A vector field -k y + sin t that counts its evaluations with a host callback."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def _bump(self):
+        self.calls += 1
+
+    def __call__(self, t, y, args):
+        jax.debug.callback(self._bump)
+        return -args * y + jnp.sin(t)
+
+    def count(self, fn, *args) -> int:
+        """Evaluations made by one run of ``fn(*args)``."""
+        self.calls = 0
+        jax.block_until_ready(fn(*args))
+        return self.calls

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import fusedrk
-from conftest import assert_tree_close
+from conftest import CountedField, assert_tree_close
 
 
 def field(t, y, args):
@@ -66,29 +66,17 @@ def test_gradients_equal_direct_and_recursive_checkpoint(x64, solver, controller
         assert_tree_close(ours, rca, rtol=1e-10)
 
 
-_calls = [0]
-
-
-def _bump():
-    _calls[0] += 1
-
-
-def counted(t, y, args):
-    jax.debug.callback(_bump)
-    return -args * y + jnp.sin(t)
-
-
 @pytest.mark.parametrize("controller", [diffrax.ConstantStepSize(), diffrax.PIDController(rtol=1e-6, atol=1e-8)])
 def test_backward_evaluates_the_field_zero_times(x64, controller):
+    counted = CountedField()
+
     def count(adjoint, grad):
         def loss(y0, k):
             return jnp.sum(diffrax.diffeqsolve(diffrax.ODETerm(counted), diffrax.Tsit5(), 0.0, 2.0, 0.1, y0, k,
                                                stepsize_controller=controller, adjoint=adjoint, max_steps=64).ys)
 
         fn = jax.jit(jax.grad(loss, argnums=(0, 1)) if grad else loss)
-        _calls[0] = 0
-        jax.block_until_ready(fn(jnp.ones(2), jnp.asarray(0.5)))
-        return _calls[0]
+        return counted.count(fn, jnp.ones(2), jnp.asarray(0.5))
 
     forward = count(fusedrk.AllSaveAdjoint(), grad=False)
     assert forward > 20

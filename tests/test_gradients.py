@@ -1,6 +1,5 @@
 """Reverse-mode gradients equal diffrax's (RecursiveCheckpointAdjoint) and finite differences."""
 
-import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np

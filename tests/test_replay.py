@@ -15,28 +15,11 @@ import jax.numpy as jnp
 import pytest
 
 import fusedrk
-from conftest import diffrax_solve
-
-_calls = [0]
-
-
-def _bump():
-    _calls[0] += 1
-
-
-def counted_field(t, y, args):
-    jax.debug.callback(_bump)
-    return -args * y + jnp.sin(t)
-
-
-def _count(fn, *xs):
-    _calls[0] = 0
-    jax.block_until_ready(fn(*xs))
-    return _calls[0]
-
+from conftest import CountedField, diffrax_solve
 
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_backward_evaluates_each_stage_once(x64, adaptive):
+    counted_field = CountedField()
     y0, k = jnp.ones(1), jnp.full((1,), 0.5)
     tol = dict(rtol=1e-6, atol=1e-8) if adaptive else {}
 
@@ -49,8 +32,8 @@ def test_backward_evaluates_each_stage_once(x64, adaptive):
                                      max_steps=100, **tol).ys)
 
     steps = int(fusedrk.solve(counted_field, y0, 0.0, 2.0, args=k, args_axes=0, dt0=0.1, **tol).stats["num_steps"][0])
-    forward = _count(jax.jit(ours), y0, k)
+    forward = counted_field.count(jax.jit(ours), y0, k)
     assert forward == 1 + 6 * steps  # FSAL: six new stages per attempted step
-    with_grad = _count(jax.jit(jax.grad(ours, argnums=(0, 1))), y0, k)
+    with_grad = counted_field.count(jax.jit(jax.grad(ours, argnums=(0, 1))), y0, k)
     assert with_grad == 2 * forward  # the backward adds exactly one VJP per forward evaluation
-    assert _count(jax.jit(jax.grad(recursive_checkpoint, argnums=(0, 1))), y0, k) > with_grad + steps
+    assert counted_field.count(jax.jit(jax.grad(recursive_checkpoint, argnums=(0, 1))), y0, k) > with_grad + steps

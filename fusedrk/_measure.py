@@ -1,0 +1,48 @@
+"""Timing and error measurement shared by the demonstration and the benchmarks.
+
+Owns: how a jitted call is timed honestly (first call = compile, then a warm-up, then repeats
+with block_until_ready) and how two results are compared (max relative error over pytrees).
+Must not: be used by the solver itself.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+
+class Timing(NamedTuple):
+    out: Any  # the first call's result
+    compile_s: float  # first call: tracing, compilation and one run
+    p20_s: float
+    median_s: float
+    p80_s: float
+
+
+def timed(fn, *args, repeats: int = 5) -> Timing:
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    compile_s = time.perf_counter() - start
+    jax.block_until_ready(fn(*args))  # warm-up after compilation
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        runs.append(time.perf_counter() - start)
+    p20, median, p80 = np.percentile(runs, [20, 50, 80])
+    return Timing(out, compile_s, float(p20), float(median), float(p80))
+
+
+def rel_err(actual, expected) -> float:
+    """max |actual - expected| / max |expected| over all leaves; inf when they disagree on
+    which entries are finite (e.g. a save one side never reached)."""
+    a = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree_util.tree_leaves(actual)])
+    b = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree_util.tree_leaves(expected)])
+    finite = np.isfinite(b)
+    if not np.array_equal(finite, np.isfinite(a)):
+        return float("inf")
+    scale = max(float(np.max(np.abs(b[finite]), initial=0.0)), 1e-300)
+    return float(np.max(np.abs(a[finite] - b[finite]), initial=0.0)) / scale
