@@ -124,28 +124,7 @@ def solve(
             "adaptive steps"
         )
 
-    y_paths, y_treedef = jax.tree_util.tree_flatten_with_path(y0)
-    if not y_paths:
-        raise ValueError("y0 has no array leaves")
-    y_leaves = []
-    for path, leaf in y_paths:
-        name = "y0" + jax.tree_util.keystr(path)
-        if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
-            raise TypeError(f"{name} must be an array with a leading batch axis, got {type(leaf).__name__}")
-        if not jnp.issubdtype(leaf.dtype, jnp.floating):
-            raise TypeError(f"{name} must have a floating-point dtype, got {leaf.dtype}")
-        if leaf.ndim < 1:
-            raise ValueError(f"{name} must have a leading batch axis, got shape {leaf.shape}")
-        y_leaves.append((name, leaf))
-    B = y_leaves[0][1].shape[0]
-    for name, leaf in y_leaves:
-        if leaf.shape[0] != B:
-            raise ValueError(
-                f"every leaf of y0 needs the same leading batch axis: {y_leaves[0][0]} has "
-                f"{B} lanes, {name} has {leaf.shape[0]}"
-            )
-    if B == 0:
-        raise ValueError("y0 has an empty batch axis (B = 0)")
+    y_treedef, y_leaves, B = _flatten_state(y0)
 
     tdtype = _time_dtype(t0, t1, dt0, ts)
     for name, value in (("t0", t0), ("t1", t1), ("dt0", dt0)):
@@ -157,7 +136,7 @@ def solve(
     t1 = jnp.asarray(t1, tdtype)
     dt0 = None if dt0 is None else jnp.asarray(dt0, tdtype)
     with jax.numpy_dtype_promotion("standard"):
-        y_flat = tuple(jnp.asarray(leaf, jnp.result_type(leaf, tdtype)) for _, leaf in y_leaves)
+        y_flat = tuple(jnp.asarray(leaf, jnp.result_type(leaf, tdtype)) for leaf in y_leaves)
     if ts is not None:
         ts = jnp.asarray(ts, tdtype)
         if ts.ndim != 1 or ts.shape[0] == 0:
@@ -232,6 +211,32 @@ def _concrete(x, dtype) -> Optional[np.ndarray]:
         return np.asarray(x).astype(dtype)
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
         return None
+
+
+def _flatten_state(y0):
+    """(treedef, leaves, B) of the initial state, each leaf a float array [B, ...]."""
+    y_paths, y_treedef = jax.tree_util.tree_flatten_with_path(y0)
+    if not y_paths:
+        raise ValueError("y0 has no array leaves")
+    names = ["y0" + jax.tree_util.keystr(path) for path, _ in y_paths]
+    leaves = [leaf for _, leaf in y_paths]
+    for name, leaf in zip(names, leaves):
+        if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
+            raise TypeError(f"{name} must be an array with a leading batch axis, got {type(leaf).__name__}")
+        if not jnp.issubdtype(leaf.dtype, jnp.floating):
+            raise TypeError(f"{name} must have a floating-point dtype, got {leaf.dtype}")
+        if leaf.ndim < 1:
+            raise ValueError(f"{name} must have a leading batch axis, got shape {leaf.shape}")
+    B = leaves[0].shape[0]
+    for name, leaf in zip(names, leaves):
+        if leaf.shape[0] != B:
+            raise ValueError(
+                f"every leaf of y0 needs the same leading batch axis: {names[0]} has {B} lanes, "
+                f"{name} has {leaf.shape[0]}"
+            )
+    if B == 0:
+        raise ValueError("y0 has an empty batch axis (B = 0)")
+    return y_treedef, leaves, B
 
 
 def _time_dtype(t0, t1, dt0, ts):
