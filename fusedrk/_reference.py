@@ -81,9 +81,7 @@ def forward(config: Config, field, times: Times, y0: tuple, *, with_tape: bool) 
     # that depends on t evaluates that dependence once per stage rather than once per lane.
     t_start = _lane_times(config, times.t_start, B)
     t_end = times.t_end
-    t_end_floor = t_end
-    for _ in range(100):
-        t_end_floor = _step.prev_before(t_end_floor)
+    t_end_floor = _step.end_clip_floor(t_end)
 
     # The field at the start point: the first step's FSAL stage (diffrax evaluates it in the
     # first step for every lane).
@@ -120,11 +118,6 @@ def forward(config: Config, field, times: Times, y0: tuple, *, with_tape: bool) 
         tape=tape,
     )
 
-    def stage_field(t, y):
-        return _materialise(field(t, y), carry_ok)
-
-    carry_ok = None
-
     def running(c):
         return (c["tprev"] < t_end) & (c["result"] == SUCCESSFUL)
 
@@ -136,8 +129,11 @@ def forward(config: Config, field, times: Times, y0: tuple, *, with_tape: bool) 
         return (c["n"] < config.rows) & jnp.any(running(c))
 
     def body(c):
-        nonlocal carry_ok
-        carry_ok = c["n"] < config.rows  # True inside the loop; unknown to the compiler
+        in_loop = c["n"] < config.rows  # True here; unknown to the compiler
+
+        def stage_field(t, y):
+            return _materialise(field(t, y), in_loop)
+
         active = running(c)
         tprev, tnext, y = c["tprev"], c["tnext"], c["y"]
         step = _step.attempt_step(

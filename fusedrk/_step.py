@@ -203,6 +203,14 @@ def clip_to_end(tprev, tnext, t_end, t_end_floor, keep):
     return jnp.where(clip, tclip, tnext)
 
 
+def end_clip_floor(t_end):
+    """t_end - 100 ULP: a step ending above this ends on t_end (diffrax ``t1_clip_floor``)."""
+    floor = t_end
+    for _ in range(100):
+        floor = prev_before(floor)
+    return floor
+
+
 def next_after(x):
     """equinox.internal.nextafter: the next float up, flushing 0 to the smallest normal."""
     return jnp.where(x == 0, jnp.finfo(x.dtype).tiny, jnp.nextafter(x, jnp.inf))

@@ -46,9 +46,6 @@ class KernelForward(NamedTuple):
 
 def time_scalars(times: Times, config: Config, state_dtype):
     """Scalars every kernel program needs, as 0-d arrays (Triton takes no captured constants)."""
-    t_end_floor = times.t_end
-    for _ in range(100):
-        t_end_floor = _step.prev_before(t_end_floor)
     tdtype = times.t_start.dtype
     num_fixed = (
         jnp.zeros((), jnp.int32) if config.adaptive
@@ -57,7 +54,7 @@ def time_scalars(times: Times, config: Config, state_dtype):
     return (
         times.t_start,
         times.t_end,
-        t_end_floor,
+        _step.end_clip_floor(times.t_end),
         times.dt0,
         times.direction.astype(tdtype),
         jnp.asarray(times.rtol, state_dtype),
