@@ -25,6 +25,7 @@ import numpy as np
 import fusedrk
 from fusedrk import problems
 from fusedrk._measure import rel_err, timed
+from fusedrk._solve import tape_bytes
 
 ROWS = []
 INTERPRET = False  # --interpret: run the kernels in interpret mode (a CPU smoke run of this script)
@@ -79,8 +80,7 @@ def bench_seed(name: str, quick: bool) -> None:
     check = jax.jit(jax.grad(lambda y: loss("jax", y, short * p.dt0, short + 1)))(y0)
     mine = jax.jit(jax.grad(lambda y: loss("pallas", y, short * p.dt0, short + 1)))(y0)
     dfx_ms = diffrax_per_step_ms(p, y0, short) * steps
-    tape_bytes = steps * 2250 * 4 * (7 + 2 + 1)
-    record(name, f"{steps} steps x 2250", run, c, rel_err(mine, check), dfx_ms, tape_bytes)
+    record(name, f"{steps} steps x 2250", run, c, rel_err(mine, check), dfx_ms, tape_bytes(steps + 1, (y0,), 4))
 
 
 def diffrax_per_step_ms(p, y0, steps) -> float:
@@ -116,9 +116,9 @@ def bench_lorenz(adaptive: bool, quick: bool) -> None:
     record(name, f"B={B}", run, c, rel_err(grad, check), None, None, forward_ms=run_fwd * 1e3)
 
 
-def record(name, size, run_s, compile_s, err, diffrax_ms, tape_bytes, forward_ms=None):
+def record(name, size, run_s, compile_s, err, diffrax_ms, tape_size, forward_ms=None):
     row = dict(workload=name, size=size, grad_ms=run_s * 1e3, compile_s=compile_s, grad_rel_err=err,
-               diffrax_rca_ms=diffrax_ms, tape_gbps=(2 * tape_bytes / run_s / 1e9) if tape_bytes else None,
+               diffrax_rca_ms=diffrax_ms, tape_gbps=(2 * tape_size / run_s / 1e9) if tape_size else None,
                forward_ms=forward_ms)
     ROWS.append(row)
     log(f"{name:16s} {size:22s} jit(grad) {row['grad_ms']:9.2f} ms (compile {compile_s:.1f} s) "

@@ -232,7 +232,6 @@ AUTO_DT0 = 0.01
 class Attempt(NamedTuple):
     """The outcome of one attempted step for every lane (see ``attempt_step``)."""
 
-    y1: State  # candidate solution
     ks: tuple  # seven stage increments
     accept: jax.Array  # [L] an accepted step of a running lane
     reject: jax.Array  # [L] a rejected step of a running lane
@@ -268,7 +267,6 @@ def attempt_step(field: Field, *, adaptive: bool, active, tprev, tnext, y, f, di
         new_tnext = jnp.where(active, new_tnext, tnext)
     accept = active & keep
     return Attempt(
-        y1=y1,
         ks=ks,
         accept=accept,
         reject=active & ~keep,
