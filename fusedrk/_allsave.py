@@ -28,7 +28,8 @@ import jax.extend.core as jax_core
 import jax.numpy as jnp
 import numpy as np
 from diffrax._heuristics import is_sde
-from diffrax._solver.runge_kutta import AbstractRungeKutta
+from diffrax._solver.base import AbstractWrappedSolver, vector_tree_dot
+from diffrax._solver.runge_kutta import AbstractERK, AbstractRungeKutta, ButcherTableau
 from jax import lax
 
 from ._solve import _device_memory_bytes
@@ -177,6 +178,126 @@ def all_save_while_loop(cond_fun, body_fun, init_val, *, max_steps: int, recorde
     return _merge(floats, arrays, meta)
 
 
+def _unrollable(solver, terms) -> bool:
+    """Whether ``solver`` is a plain explicit Runge-Kutta method whose step ``_UnrolledERK``
+    reproduces: one explicit Butcher tableau and diffrax's own ``step``."""
+    return (
+        isinstance(solver, AbstractERK)
+        and not isinstance(solver, AbstractWrappedSolver)
+        and isinstance(solver.tableau, ButcherTableau)
+        and not solver.tableau.implicit
+        and type(solver).step is AbstractRungeKutta.step
+        and isinstance(terms, diffrax.AbstractTerm)
+    )
+
+
+def _dot(weights, ks):
+    """sum_j weights[j] * ks[j] over the stages with a nonzero weight (ks: one pytree per stage)."""
+    terms = [(w, k) for w, k in zip(weights, ks) if w != 0]
+    if not terms:
+        return jax.tree_util.tree_map(jnp.zeros_like, ks[0])
+
+    def leaf(*k):
+        dtype = k[0].dtype
+        total = jnp.asarray(terms[0][0], dtype) * k[0]
+        for (w, _), x in zip(terms[1:], k[1:]):
+            total = total + jnp.asarray(w, dtype) * x
+        return total
+
+    return jax.tree_util.tree_map(leaf, *[k for _, k in terms])
+
+
+class _UnrolledERK(diffrax.AbstractAdaptiveSolver, AbstractWrappedSolver):
+    """The step of an explicit diffrax Runge-Kutta solver with its stages written out one
+    after another, in place of diffrax's loop over stages.
+
+    Same arithmetic as ``AbstractRungeKutta.step`` for an explicit tableau (FSAL reuse of the
+    last stage, ``vf_prod`` for non-FSAL methods, stage times with c = 1 landing on t1 exactly,
+    y1 from the last stage when the method is SSAL), so results agree with diffrax's to
+    rounding. Why: diffrax runs the stages as a bounded loop of conditionals, a dozen small
+    kernels per stage that dominate the time of a cheap vector field, forward and again in
+    the transposed backward pass. Written out, each stage is a few fused array operations,
+    and each step's linearisation is one straight-line function to store.
+    """
+
+    solver: AbstractERK
+
+    @property
+    def term_structure(self):
+        return self.solver.term_structure
+
+    @property
+    def interpolation_cls(self):
+        return self.solver.interpolation_cls
+
+    @property
+    def term_compatible_contr_kwargs(self):
+        return self.solver.term_compatible_contr_kwargs
+
+    def order(self, terms):
+        return self.solver.order(terms)
+
+    def strong_order(self, terms):
+        return self.solver.strong_order(terms)
+
+    def error_order(self, terms):
+        return self.solver.error_order(terms)
+
+    def init(self, terms, t0, t1, y0, args):
+        return self.solver.init(terms, t0, t1, y0, args)
+
+    def func(self, terms, t0, y0, args):
+        return self.solver.func(terms, t0, y0, args)
+
+    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+        tableau = self.solver.tableau
+        _, fsal = self.solver._common(terms, t0, t1, y0, args)
+        control = terms.contr(t0, t1)
+        dt = t1 - t0
+        t_dtype = jnp.result_type(t0, t1)
+        c = (tableau.c1, *tableau.c)
+
+        def stage_time(ci):
+            return t1 if ci == 1 else t0 + jnp.asarray(ci, t_dtype) * dt
+
+        def stage(ti, yi):
+            # FSAL methods evaluate the field and contract it with the control (the last
+            # stage's f is the next step's first); the others ask the term for the product.
+            if fsal:
+                fi = terms.vf(ti, yi, args)
+                return fi, terms.prod(fi, control)
+            return None, terms.vf_prod(ti, yi, args, control)
+
+        if fsal:
+            first_step, f_last = solver_state
+            # The stored field value is stale on the first step and after a jump; the
+            # decision is per batch, as in diffrax, so the branch stays a branch under vmap.
+            fresh = eqxi.unvmap_any(first_step | made_jump)
+            f0 = lax.cond(fresh, lambda: terms.vf(stage_time(c[0]), y0, args), lambda: f_last)
+            fs, ks = [f0], [terms.prod(f0, control)]
+        else:
+            f0, k0 = stage(stage_time(c[0]), y0)
+            fs, ks = [f0], [k0]
+        yi = y0
+        for ci, a_i in zip(tableau.c, tableau.a_lower):
+            yi = jax.tree_util.tree_map(jnp.add, y0, _dot(a_i, ks))
+            fi, ki = stage(stage_time(ci), yi)
+            fs.append(fi)
+            ks.append(ki)
+        # Solution and error weights against the stacked stages, as diffrax forms them (the
+        # dense output needs the stack anyway).
+        k = jax.tree_util.tree_map(lambda *k: jnp.stack(k), *ks)
+        leaves = jax.tree_util.tree_leaves(y0)
+        dtype = jnp.result_type(*leaves) if leaves else jnp.asarray(0.0).dtype
+        if not tableau.ssal:
+            yi = jax.tree_util.tree_map(jnp.add, y0, vector_tree_dot(jnp.asarray(tableau.b_sol, dtype), k))
+        y1 = yi
+        y_error = vector_tree_dot(jnp.asarray(tableau.b_error, dtype), k)
+        dense_info = dict(y0=y0, y1=y1, k=k)
+        new_state = (jnp.array(False), fs[-1]) if fsal else None
+        return y1, y_error, dense_info, new_state, diffrax.RESULTS.successful
+
+
 class AllSaveAdjoint(diffrax.AbstractAdjoint):
     """Backpropagate through ``diffrax.diffeqsolve`` by storing every step's internals once.
 
@@ -185,6 +306,9 @@ class AllSaveAdjoint(diffrax.AbstractAdjoint):
     ``max_steps``) that applies them. No step, stage or controller decision is recomputed, so
     the vector field is evaluated exactly as often in the backward pass as in the forward.
     Memory: ``bytes_per_step(...)`` per step, times ``max_steps``, allocated up front.
+    Explicit Runge-Kutta solvers with one Butcher tableau step through ``_UnrolledERK``: the
+    same step with its stages written out, much cheaper to run and to linearise than
+    diffrax's loop over stages.
 
     Works with explicit solvers (Tsit5, Dopri5, Dopri8, Heun, Euler, ...), ConstantStepSize or
     PIDController, SaveAt(t0/t1/ts/steps), pytree states and args. Reverse mode only.
@@ -206,7 +330,9 @@ class AllSaveAdjoint(diffrax.AbstractAdjoint):
             raise ValueError("AllSaveAdjoint does not support events; use diffrax.RecursiveCheckpointAdjoint()")
         if max_steps is None:
             raise ValueError("AllSaveAdjoint allocates max_steps rows of residuals: pass max_steps=...")
-        if isinstance(solver, AbstractRungeKutta) and solver.scan_kind is None:
+        if _unrollable(solver, terms):
+            solver = _UnrolledERK(solver)
+        elif isinstance(solver, AbstractRungeKutta) and solver.scan_kind is None:
             # The stage loop must be reverse-differentiable without checkpointing (which would
             # recompute stages): diffrax's "bounded" scan stores its residuals.
             solver = eqx.tree_at(lambda s: s.scan_kind, solver, "bounded", is_leaf=lambda x: x is None)

@@ -28,13 +28,32 @@ def _y0_args():
 
 
 def _grads(solver, controller, saveat, adjoint, max_steps=256):
-    def loss(y0, args):
+    def loss(y0, args, scale):
+        y0 = jax.tree_util.tree_map(lambda x: x * scale, y0)
         sol = diffrax.diffeqsolve(diffrax.ODETerm(field), solver, 0.0, 2.0, 0.05, y0, args, saveat=saveat,
                                   stepsize_controller=controller, adjoint=adjoint, max_steps=max_steps)
         leaves = jax.tree_util.tree_leaves(sol.ys)
         return sum(jnp.sum(jnp.where(jnp.isfinite(x), jnp.sin(x), 0.0)) for x in leaves)
 
-    return jax.jit(jax.grad(loss, argnums=(0, 1)))(*_y0_args())
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    return lambda scale=1.0: grad(*_y0_args(), jnp.asarray(scale))
+
+
+def _rounding_spread(grad):
+    """How far a gradient moves when y0 moves by a few ulps: its own rounding noise.
+
+    Adaptive steps feed the error estimate, a sum that cancels to far below |y|, into the
+    step-size controller; the gradient through that path carries rounding noise the size of
+    eps * |stages| / |error|. For Dopri8 at rtol = 1e-8 the error sits near rounding level and
+    diffrax's own DirectAdjoint gradient moves by 2e-9 relative when y0 moves by 2e-16 (by
+    3e-7 with SaveAt(steps=True), where every step time enters the loss).
+    """
+    reference = grad()
+    spread = 0.0
+    for scale in (1 + 2**-52, 1 + 2**-50, 1 - 2**-51):
+        for a, b in zip(jax.tree_util.tree_leaves(grad(scale)), jax.tree_util.tree_leaves(reference)):
+            spread = max(spread, float(jnp.max(jnp.abs(a - b) / jnp.abs(b))))
+    return spread
 
 
 @pytest.mark.parametrize(
@@ -53,16 +72,19 @@ def _grads(solver, controller, saveat, adjoint, max_steps=256):
 def test_gradients_equal_direct_and_recursive_checkpoint(x64, solver, controller, saveat):
     saveat = {"t1": diffrax.SaveAt(t1=True), "ts": diffrax.SaveAt(ts=jnp.linspace(0.0, 2.0, 5)),
               "steps": diffrax.SaveAt(steps=True)}[saveat]
-    ours = _grads(solver, controller, saveat, fusedrk.AllSaveAdjoint())
-    # DirectAdjoint differentiates the same program without recomputation: equal to rounding.
+    ours = _grads(solver, controller, saveat, fusedrk.AllSaveAdjoint())()
+    # DirectAdjoint differentiates the same program without recomputation: equal to rounding,
+    # which with adaptive steps is the oracle's own noise under ulp changes of y0 (measured
+    # in the run; at most 1e-14 here except for Dopri8, see _rounding_spread).
     direct = _grads(solver, controller, saveat, diffrax.DirectAdjoint())
-    assert_tree_close(ours, direct, rtol=1e-12)
+    noise = 0.0 if isinstance(controller, diffrax.ConstantStepSize) else _rounding_spread(direct)
+    assert_tree_close(ours, direct(), rtol=max(1e-12, 10 * noise))
     # RecursiveCheckpointAdjoint replays each step in its backward pass. With fixed steps the
     # replay retraces the forward and all three adjoints agree. With the PID controller its
     # gradients differ from DirectAdjoint's (measured: 4e-10 to 3e-8 relative; 0.28 absolute
     # for Dopri8 with SaveAt(steps=True)), so there DirectAdjoint is the oracle.
     if isinstance(controller, diffrax.ConstantStepSize):
-        rca = _grads(solver, controller, saveat, diffrax.RecursiveCheckpointAdjoint())
+        rca = _grads(solver, controller, saveat, diffrax.RecursiveCheckpointAdjoint())()
         assert_tree_close(ours, rca, rtol=1e-10)
 
 
@@ -87,10 +109,11 @@ def test_backward_evaluates_the_field_zero_times(x64, controller):
 
 def test_bytes_per_step_and_memory_limit():
     y0 = jnp.ones(1000)
-    per_step = fusedrk.AllSaveAdjoint.bytes_per_step(diffrax.ODETerm(lambda t, y, a: -y), diffrax.Tsit5(),
-                                                     0.0, 1.0, 0.1, y0)
-    # At least the seven stages of a 1000-float state, at most a few dozen copies of it.
-    assert 7 * 4000 <= per_step <= 100 * 4000
+    per_step = fusedrk.AllSaveAdjoint.bytes_per_step(diffrax.ODETerm(lambda t, y, a: jnp.sin(y)),
+                                                     diffrax.Tsit5(), 0.0, 1.0, 0.1, y0)
+    # A state-dependent Jacobian needs each of the six new stages of a 1000-float state (the
+    # seventh is the FSAL reuse); measured 13 copies of the state, allow up to 30.
+    assert 6 * 4000 <= per_step <= 30 * 4000
 
     def loss(y0):
         return jnp.sum(diffrax.diffeqsolve(diffrax.ODETerm(lambda t, y, a: -y), diffrax.Tsit5(), 0.0, 1.0, 0.1, y0,
@@ -150,3 +173,35 @@ def test_works_under_vmap(x64):
     np.testing.assert_allclose(ours, ref, rtol=1e-10)
     assert isinstance(fusedrk.AllSaveAdjoint(), diffrax.AbstractAdjoint)
     assert eqx.tree_equal(fusedrk.AllSaveAdjoint(), fusedrk.AllSaveAdjoint())
+
+
+@pytest.mark.parametrize(
+    "solver, controller",
+    [
+        (diffrax.Tsit5(), diffrax.PIDController(rtol=1e-7, atol=1e-9)),
+        # Not rtol=1e-8: there Dopri8's error estimate is at rounding level, so the step sizes,
+        # and the values to ~1e-8, follow the last bits of the stage sums (see _rounding_spread).
+        (diffrax.Dopri8(), diffrax.PIDController(rtol=1e-6, atol=1e-8)),
+        (diffrax.Bosh3(), diffrax.PIDController(rtol=1e-5, atol=1e-7)),
+        (diffrax.Ralston(), diffrax.ConstantStepSize()),
+        (diffrax.Midpoint(), diffrax.ConstantStepSize()),
+    ],
+    ids=["tsit5", "dopri8", "bosh3", "ralston", "midpoint"],
+)
+def test_unrolled_stages_step_like_diffrax(x64, solver, controller):
+    # AllSaveAdjoint writes an explicit tableau's stages out one by one instead of running
+    # diffrax's loop over stages; the forward solve must take the same steps to the same values.
+    from fusedrk._allsave import _unrollable
+
+    assert _unrollable(solver, diffrax.ODETerm(field))
+
+    def solve(adjoint):
+        return diffrax.diffeqsolve(diffrax.ODETerm(field), solver, 0.0, 2.0, 0.05, *_y0_args(),
+                                   saveat=diffrax.SaveAt(ts=jnp.linspace(0.0, 2.0, 7), dense=True),
+                                   stepsize_controller=controller, adjoint=adjoint, max_steps=256)
+
+    ours, theirs = solve(fusedrk.AllSaveAdjoint()), solve(diffrax.DirectAdjoint())
+    assert_tree_close(ours.ys, theirs.ys, rtol=1e-13)
+    assert_tree_close(ours.evaluate(1.234), theirs.evaluate(1.234), rtol=1e-13)
+    for stat in ("num_steps", "num_accepted_steps", "num_rejected_steps"):
+        assert int(ours.stats[stat]) == int(theirs.stats[stat]), stat
