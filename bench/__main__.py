@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import os
 import sys
 from typing import Callable, NamedTuple
@@ -27,6 +26,7 @@ import jax.numpy as jnp
 import jaxlib
 
 import fusedrk
+from bench import peers
 from fusedrk import problems
 from fusedrk._measure import rel_err, timed
 from fusedrk._solve import tape_bytes
@@ -43,7 +43,6 @@ DEFAULT = "diffrax-rca"  # diffrax's default adjoint: the speed-up baseline and 
 COLUMNS = ["device", "jax", "jaxlib", "diffrax", "workload", "mode", "B", "steps", "method", "compile_s",
            "median_ms", "p20_ms", "p80_ms", "extrapolated", "speedup_vs_diffrax_default", "tape_bytes",
            "tape_gbps", "traj_steps_per_s", "ys_rel_err", "grad_rel_err", "status"]
-OPTIONAL_PEERS = ("torchdiffeq", "torchode", "gradsolve")
 
 
 class Case(NamedTuple):
@@ -60,6 +59,7 @@ class Case(NamedTuple):
     ours: Callable  # ours(backend, t1, interpret) -> fn(params) returning (loss, ys)
     theirs: Callable  # theirs(adjoint, t1) -> fn(params) returning (loss, ys)
     state_per_lane: int  # floats of state per lane (tape accounting)
+    peer: Callable | None  # peer(name, t1) -> peers.PeerRun, for the fixed-step workloads
 
 
 def _seed_case(name, quick):
@@ -92,7 +92,10 @@ def _seed_case(name, quick):
 
         return fn
 
-    return [Case(name, "grad", 2250, t1, t1_diffrax, int(round(t1 / p.dt0)), False, y0, ours, theirs, 1)]
+    def peer(peer_name, horizon):
+        return peers.run(peer_name, peers.Spec(name, (y0,), p.t0, horizon, p.dt0, None, scale(horizon)))
+
+    return [Case(name, "grad", 2250, t1, t1_diffrax, int(round(t1 / p.dt0)), False, y0, ours, theirs, 1, peer)]
 
 
 def _ensemble_cases(name, quick, sizes):
@@ -130,14 +133,17 @@ def _ensemble_cases(name, quick, sizes):
 
             return fn
 
-        return param, ours, theirs
+        def peer(peer_name, horizon):
+            return peers.run(peer_name, peers.Spec(name, y0, p.t0, horizon, p.dt0, ts, 1.0))
+
+        return param, ours, theirs, (None if adaptive else peer)
 
     state = 2 if name == "vdp" else 3
     cases = []
     for B in sizes:
-        param, ours, theirs = make(B)
+        param, ours, theirs, peer = make(B)
         for mode in ("grad", "forward"):
-            cases.append(Case(name, mode, B, p.t1, p.t1, max_steps, adaptive, param, ours, theirs, state))
+            cases.append(Case(name, mode, B, p.t1, p.t1, max_steps, adaptive, param, ours, theirs, state, peer))
     return cases
 
 
@@ -160,29 +166,33 @@ def tolerance(steps: int) -> float:
     return 10 * float(jnp.finfo(jnp.float32).eps) * steps * 10  # x10: gradients sweep twice
 
 
-def run_case(case: Case, method: str, repeats: int, interpret: bool, oracle: dict) -> dict:
+def runner(case: Case, method: str, horizon: float, interpret: bool) -> peers.PeerRun:
+    """The method's gradient and forward functions of the case's parameters at ``horizon``."""
+    if method in peers.PEERS:
+        return case.peer(method, horizon)
+    if method in FUSEDRK_METHODS:
+        fn = case.ours(method.split("-")[1], horizon, interpret)
+    else:
+        fn = case.theirs(DIFFRAX_METHODS[method](case.steps), horizon)
+    return peers.PeerRun(jax.jit(jax.grad(lambda x: fn(x)[0])), jax.jit(lambda x: fn(x)[1]), jax.block_until_ready)
+
+
+def run_case(case: Case, method: str, repeats: int, get_run: Callable, oracle: dict) -> dict:
+    """Times one method on one case and checks it; get_run(method, horizon) -> PeerRun."""
     is_ours = method in FUSEDRK_METHODS
     horizon = case.t1 if is_ours else case.t1_diffrax
-    if is_ours:
-        build = lambda h: case.ours(method.split("-")[1], h, interpret)  # noqa: E731
-    else:
-        build = lambda h: case.theirs(DIFFRAX_METHODS[method](case.steps), h)  # noqa: E731
-    fn = build(horizon)
-    if case.mode == "grad":
-        timed_fn = jax.jit(jax.grad(lambda x: fn(x)[0]))
-    else:
-        timed_fn = jax.jit(lambda x: fn(x)[1])
-    out, compile_s, p20, p50, p80 = timed(timed_fn, case.params, repeats=repeats)
+    run = get_run(method, horizon)
+    timed_fn = run.grad if case.mode == "grad" else run.forward
+    out, compile_s, p20, p50, p80 = timed(timed_fn, case.params, repeats=repeats, sync=run.sync)
     scale = (case.t1 / case.t1_diffrax) if not is_ours else 1.0
     # Accuracy at diffrax's horizon, against the oracle there (the timed result when the
     # horizons agree, which saves a compilation).
-    check = build(case.t1_diffrax) if horizon != case.t1_diffrax else fn
-    if case.mode == "forward" and check is fn:
+    check = get_run(method, case.t1_diffrax) if horizon != case.t1_diffrax else run
+    if case.mode == "forward" and check is run:
         ys, grad = out, None
     else:
-        ys = jax.jit(lambda x: check(x)[1])(case.params)
-        grad = None if case.mode == "forward" else (
-            out if check is fn else jax.jit(jax.grad(lambda x: check(x)[0]))(case.params))
+        ys = check.forward(case.params)
+        grad = None if case.mode == "forward" else (out if check is run else check.grad(case.params))
     ys_err = rel_err(ys, oracle["ys"])
     grad_err = rel_err(grad, oracle["grad"]) if grad is not None else float("nan")
     steps_checked = case.steps * case.t1_diffrax / case.t1
@@ -255,8 +265,10 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="CPU-sized run (under 2 minutes on 2 cores)")
     parser.add_argument("--workloads", nargs="+", default=["seed", "seed-nl", "lorenz", "lorenz-adaptive", "vdp"],
                         choices=["seed", "seed-nl", "lorenz", "lorenz-adaptive", "vdp"])
-    parser.add_argument("--methods", nargs="+", default=None, choices=[*DIFFRAX_METHODS, *FUSEDRK_METHODS],
-                        help="default: every diffrax adjoint and fusedrk-jax, plus fusedrk-pallas on a GPU")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        choices=[*DIFFRAX_METHODS, *FUSEDRK_METHODS, *peers.PEERS],
+                        help="default: every diffrax adjoint and fusedrk-jax, plus fusedrk-pallas on a GPU and "
+                             "the installed peers on the fixed-step workloads")
     parser.add_argument("--interpret", action="store_true", help="run fusedrk-pallas in interpret mode")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5; 3 with --quick)")
     opts = parser.parse_args(argv)
@@ -264,37 +276,56 @@ def main(argv=None) -> int:
 
     repeats = opts.repeats or (3 if opts.quick else 5)
 
+    installed = []
+    for peer in peers.PEERS:
+        reason = peers.missing(peer)
+        if reason:
+            print(f"note: {peer}: {reason}; its rows are skipped")
+        else:
+            installed.append(peer)
+            print(f"note: {peer} is timed on the fixed-step workloads ({', '.join(peers.WORKLOADS)})")
+
     def methods_for(case):
         if opts.methods:
             chosen = opts.methods
-        elif opts.quick and case.workload not in ("seed", "seed-nl"):
-            # Quick ensembles keep to three methods: compilation dominates a 2-core budget.
-            chosen = ["diffrax-direct", "fusedrk-jax"]
+        elif opts.quick and case.workload != "seed":
+            # Quick mode measures every method on the seed only: compilation dominates a
+            # 2-core budget. Elsewhere diffrax's default adjoint (the oracle) and fusedrk,
+            # and AllSaveAdjoint on seed-nl.
+            chosen = ["diffrax-allsave", "fusedrk-jax"] if case.workload == "seed-nl" else ["fusedrk-jax"]
         else:
             chosen = [*DIFFRAX_METHODS, "fusedrk-jax"] + (["fusedrk-pallas"] if jax.default_backend() == "gpu" else [])
+            chosen += installed
         chosen = chosen if DEFAULT in chosen else [DEFAULT, *chosen]
+        chosen = [m for m in chosen if m not in peers.PEERS or (m in installed and case.peer is not None)]
         if case.mode == "forward":  # the adjoint does not matter for a forward solve
-            chosen = [m for m in chosen if m in (DEFAULT, *FUSEDRK_METHODS)]
+            chosen = [m for m in chosen if m in (DEFAULT, *FUSEDRK_METHODS, *peers.PEERS)]
         return chosen
-
-    for peer in OPTIONAL_PEERS:
-        state = "is not installed" if importlib.util.find_spec(peer) is None else "has no runner in this harness yet"
-        print(f"note: {peer} {state}; its rows are skipped")
     meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, jaxlib=jaxlib.__version__,
                 diffrax=diffrax.__version__)
     cases = build_cases(opts.workloads, opts.quick)
     rows = []
+    built = {}
     with tqdm(total=sum(len(methods_for(c)) for c in cases), desc="bench", file=sys.stderr) as bar:
         for case in cases:
-            oracle_fn = case.theirs(DIFFRAX_METHODS[DEFAULT](case.steps), case.t1_diffrax)
-            oracle = dict(ys=jax.jit(lambda x: oracle_fn(x)[1])(case.params))
+            def get_run(method, horizon, case=case):
+                # Built once per workload, size, method and horizon: the oracle's compiled
+                # functions are the ones its own row then times, and a forward case reuses
+                # the forward its gradient case compiled for the accuracy check.
+                key = (case.workload, case.B, method, horizon)
+                if key not in built:
+                    built[key] = runner(case, method, horizon, opts.interpret)
+                return built[key]
+
+            oracle_run = get_run(DEFAULT, case.t1_diffrax)
+            oracle = dict(ys=oracle_run.forward(case.params))
             if case.mode == "grad":
-                oracle["grad"] = jax.jit(jax.grad(lambda x: oracle_fn(x)[0]))(case.params)
+                oracle["grad"] = oracle_run.grad(case.params)
             case_rows = []
             for method in methods_for(case):
                 bar.set_postfix_str(f"{case.workload} {case.mode} B={case.B} {method}")
                 try:
-                    row = run_case(case, method, repeats, opts.interpret, oracle)
+                    row = run_case(case, method, repeats, get_run, oracle)
                 except Exception as e:  # a method that cannot run this case is reported, not hidden
                     row = dict(workload=case.workload, mode=case.mode, B=case.B, steps=case.steps, method=method,
                                compile_s=float("nan"), median_ms=float("nan"), p20_ms=float("nan"),

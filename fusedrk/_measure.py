@@ -22,15 +22,16 @@ class Timing(NamedTuple):
     p80_s: float
 
 
-def timed(fn, *args, repeats: int = 5) -> Timing:
+def timed(fn, *args, repeats: int = 5, sync=jax.block_until_ready) -> Timing:
+    """Times fn(*args); ``sync`` waits until a result is computed (another framework's)."""
     start = time.perf_counter()
-    out = jax.block_until_ready(fn(*args))
+    out = sync(fn(*args))
     compile_s = time.perf_counter() - start
-    jax.block_until_ready(fn(*args))  # warm-up after compilation
+    sync(fn(*args))  # warm-up after compilation
     runs = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
+        sync(fn(*args))
         runs.append(time.perf_counter() - start)
     p20, median, p80 = np.percentile(runs, [20, 50, 80])
     return Timing(out, compile_s, float(p20), float(median), float(p80))
