@@ -31,3 +31,41 @@ def test_quick_seed_benchmark_writes_checked_results(tmp_path):
         assert float(r["median_ms"]) > 0 and not math.isnan(float(r["median_ms"]))
         assert r["device"] and r["jax"] and r["diffrax"]
     assert "| seed | grad | 2250 | 800 | fusedrk-jax |" in run.stdout  # the table is printed last
+
+
+@pytest.mark.parametrize("peer", ["torchode", "torchdiffeq", "gradsolve"])
+@pytest.mark.parametrize("workload", ["seed-nl", "lorenz"])
+def test_peer_runners_agree_with_diffrax(peer, workload):
+    # The peers' rows are only worth printing if they solve the same problem: their torch
+    # fields are written out again in bench/peers.py, so check them on a tiny case.
+    from bench import peers
+    from fusedrk import problems
+    from fusedrk._measure import rel_err
+    import diffrax
+    import jax
+    import jax.numpy as jnp
+
+    if peers.missing(peer):
+        pytest.skip(peers.missing(peer))
+    p = problems.PROBLEMS[workload]
+    y0, rho = p.make(8, jnp.float32)
+    t1, ts = (p.t0 + 20 * p.dt0, None) if workload == "seed-nl" else (p.t0 + 50 * p.dt0, jnp.linspace(0.01, 0.05, 5))
+    params = rho if workload == "lorenz" else y0
+    run = peers.run(peer, peers.Spec(workload, y0 if workload == "lorenz" else (y0,), p.t0, t1, p.dt0, ts, 1.0))
+
+    def oracle(params):
+        def one(y, a):
+            save = diffrax.SaveAt(ts=ts) if ts is not None else diffrax.SaveAt(t1=True)
+            return diffrax.diffeqsolve(diffrax.ODETerm(p.field), diffrax.Tsit5(), p.t0, t1, p.dt0, y, a,
+                                       saveat=save).ys
+
+        if workload == "lorenz":
+            ys = jax.vmap(one)(y0, params)
+            return sum(jnp.mean(leaf ** 2) for leaf in ys), ys
+        ys = one(params, None)[0]
+        return jnp.sum(ys), ys
+
+    grad = jax.grad(lambda x: oracle(x)[0])(params)
+    # Float32, a few dozen steps; torchdiffeq's RK4 differs from Tsit5 by its truncation error.
+    assert rel_err(run.forward(params), oracle(params)[1]) < 1e-4
+    assert rel_err(run.grad(params), grad) < 1e-4
