@@ -255,7 +255,7 @@ def markdown(rows) -> str:
             f"{r['median_ms']:.2f}{'*' if r['extrapolated'] else ''} | {f'{speed:.1f}x' if speed else ''} | "
             f"{f'{gbps:.1f}' if gbps else ''} | {r['ys_rel_err']:.1e} | {r['grad_rel_err']:.1e} | {r['status']} |"
         )
-    lines.append("\n`*` diffrax timed on a shorter horizon and extrapolated linearly per step.")
+    lines.append("\n`*` diffrax (and any peer) timed on a shorter horizon and extrapolated linearly per step.")
     return "\n".join(lines)
 
 
