@@ -22,12 +22,18 @@ class Timing(NamedTuple):
     p80_s: float
 
 
-def timed(fn, *args, repeats: int = 5, sync=jax.block_until_ready) -> Timing:
-    """Times fn(*args); ``sync`` waits until a result is computed (another framework's)."""
+def timed(fn, *args, repeats: int = 5, sync=jax.block_until_ready, budget_s: float | None = None) -> Timing:
+    """Times fn(*args); ``sync`` waits until a result is computed (another framework's).
+    With ``budget_s``, a call slow enough that the repeats would exceed it is repeated fewer
+    times (at least once): the warm-up call says how long one run takes."""
     start = time.perf_counter()
     out = sync(fn(*args))
     compile_s = time.perf_counter() - start
+    start = time.perf_counter()
     sync(fn(*args))  # warm-up after compilation
+    one_run = time.perf_counter() - start
+    if budget_s is not None:
+        repeats = max(1, min(repeats, int(budget_s / max(one_run, 1e-9))))
     runs = []
     for _ in range(repeats):
         start = time.perf_counter()
