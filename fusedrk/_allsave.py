@@ -174,7 +174,9 @@ def all_save_while_loop(cond_fun, body_fun, init_val, *, max_steps: int, recorde
         return floats_bar, k_bar, None, None, None
 
     run.defvjp(run_fwd, run_bwd)
-    floats, arrays = run(floats0, float_consts, arrays0, other_consts, cond_closed.consts)
+    # JAX refuses forward mode (jax.jvp, jax.jacfwd) of a custom_vjp only after diffrax's jit
+    # has traced this call, outside any code of ours, and its error points at the next line:
+    floats, arrays = run(floats0, float_consts, arrays0, other_consts, cond_closed.consts)  # AllSaveAdjoint is reverse-mode only: for forward mode use diffrax.ForwardMode()  # noqa: E501
     return _merge(floats, arrays, meta)
 
 
@@ -311,7 +313,8 @@ class AllSaveAdjoint(diffrax.AbstractAdjoint):
     diffrax's loop over stages.
 
     Works with explicit solvers (Tsit5, Dopri5, Dopri8, Heun, Euler, ...), ConstantStepSize or
-    PIDController, SaveAt(t0/t1/ts/steps), pytree states and args. Reverse mode only.
+    PIDController, SaveAt(t0/t1/ts/steps), pytree states and args. Reverse mode only: for
+    jax.jvp or jax.jacfwd use ``diffrax.ForwardMode()``.
     """
 
     recorder: object = eqx.field(default=None, static=True)
