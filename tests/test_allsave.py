@@ -211,3 +211,25 @@ def test_unrolled_stages_step_like_diffrax(x64, solver, controller):
     assert_tree_close(ours.evaluate(1.234), theirs.evaluate(1.234), rtol=1e-13)
     for stat in ("num_steps", "num_accepted_steps", "num_rejected_steps"):
         assert int(ours.stats[stat]) == int(theirs.stats[stat]), stat
+
+
+def test_unrolled_stages_with_a_multi_term_and_its_gradient(x64):
+    # A MultiTerm of ODE terms under one tableau: the terms' vf/prod carry the sum, as in diffrax.
+    def half(t, y, args):
+        return jax.tree_util.tree_map(lambda v: 0.5 * v, field(t, y, args))
+
+    terms = diffrax.MultiTerm(diffrax.ODETerm(half), diffrax.ODETerm(half))
+    controller = diffrax.PIDController(rtol=1e-6, atol=1e-8)
+
+    def loss(y0, args, adjoint):
+        sol = diffrax.diffeqsolve(terms, diffrax.Tsit5(), 0.0, 2.0, 0.05, y0, args, stepsize_controller=controller,
+                                  adjoint=adjoint, max_steps=256)
+        return sum(jnp.sum(jnp.sin(x)) for x in jax.tree_util.tree_leaves(sol.ys)), sol.stats["num_steps"]
+
+    ours, ours_steps = loss(*_y0_args(), fusedrk.AllSaveAdjoint())
+    theirs, theirs_steps = loss(*_y0_args(), diffrax.DirectAdjoint())
+    assert int(ours_steps) == int(theirs_steps)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-13)
+    grad = jax.grad(lambda *a: loss(*a, fusedrk.AllSaveAdjoint())[0], argnums=(0, 1))(*_y0_args())
+    expected = jax.grad(lambda *a: loss(*a, diffrax.DirectAdjoint())[0], argnums=(0, 1))(*_y0_args())
+    assert_tree_close(grad, expected, rtol=1e-12)
