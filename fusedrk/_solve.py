@@ -458,10 +458,10 @@ def _make_core(lane_fn, layout: _ArgsLayout, config, *, choose_dt0: bool, backen
 
         return batched
 
-    def tile_problem():
+    if backend == "pallas":
         from fusedrk import kernels
 
-        return kernels.TileProblem(lane_fn, layout.diff_axes, layout.nondiff_axes)
+        tile = kernels.TileProblem(lane_fn, layout.diff_axes, layout.nondiff_axes)
 
     def internal_times(t0, t1, dt0, ts, rtol, atol):
         direction = jnp.where(t0 < t1, 1, -1)
@@ -478,10 +478,8 @@ def _make_core(lane_fn, layout: _ArgsLayout, config, *, choose_dt0: bool, backen
     def run(y0, diff, nondiff, t0, t1, dt0, ts, rtol, atol, *, with_tape):
         times = internal_times(t0, t1, dt0, ts, rtol, atol)
         if backend == "pallas":
-            from fusedrk import kernels
-
-            return kernels.forward(config, tile_problem(), times, tuple(y0), diff, nondiff,
-                                   with_tape=with_tape, interpret=interpret)
+            return kernels.forward(config, tile, times, tuple(y0), diff, nondiff, with_tape=with_tape,
+                                   interpret=interpret)
         batched = lane_field(times.direction)
         field = lambda t, y: batched(t, y, diff, nondiff)  # noqa: E731
         return _reference.forward(config, field, times, tuple(y0), with_tape=with_tape)
@@ -523,10 +521,8 @@ def _make_core(lane_fn, layout: _ArgsLayout, config, *, choose_dt0: bool, backen
         ys_bar = tuple(_instantiate(ct, y) for ct, y in zip(cts[0], fwd.ys))
         times = internal_times(t0, t1, dt0, ts, rtol, atol)
         if backend == "pallas":
-            from fusedrk import kernels
-
-            y_bar, args_bar = kernels.backward(config, tile_problem(), times, tuple(y0), diff, nondiff,
-                                               fwd, ys_bar, interpret=interpret)
+            y_bar, args_bar = kernels.backward(config, tile, times, tuple(y0), diff, nondiff, fwd, ys_bar,
+                                               interpret=interpret)
             return (tuple(y_bar), args_bar, [None] * len(nondiff), None, None, None, None, None, None)
         batched = lane_field(times.direction)
 
