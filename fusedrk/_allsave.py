@@ -276,27 +276,26 @@ class _UnrolledERK(diffrax.AbstractAdaptiveSolver, AbstractWrappedSolver):
             # decision is per batch, as in diffrax, so the branch stays a branch under vmap.
             fresh = eqxi.unvmap_any(first_step | made_jump)
             f0 = lax.cond(fresh, lambda: terms.vf(stage_time(c[0]), y0, args), lambda: f_last)
-            fs, ks = [f0], [terms.prod(f0, control)]
+            ks = [terms.prod(f0, control)]
         else:
-            f0, k0 = stage(stage_time(c[0]), y0)
-            fs, ks = [f0], [k0]
-        yi = y0
-        for ci, a_i in zip(tableau.c, tableau.a_lower):
+            _, k0 = stage(stage_time(c[0]), y0)
+            ks = [k0]
+        for ci, a_i in zip(tableau.c, tableau.a_lower):  # a tableau has at least two stages
             yi = jax.tree_util.tree_map(jnp.add, y0, _dot(a_i, ks))
-            fi, ki = stage(stage_time(ci), yi)
-            fs.append(fi)
+            f_last, ki = stage(stage_time(ci), yi)
             ks.append(ki)
         # Solution and error weights against the stacked stages, as diffrax forms them (the
         # dense output needs the stack anyway).
         k = jax.tree_util.tree_map(lambda *k: jnp.stack(k), *ks)
         leaves = jax.tree_util.tree_leaves(y0)
         dtype = jnp.result_type(*leaves) if leaves else jnp.asarray(0.0).dtype
-        if not tableau.ssal:
-            yi = jax.tree_util.tree_map(jnp.add, y0, vector_tree_dot(jnp.asarray(tableau.b_sol, dtype), k))
-        y1 = yi
+        if tableau.ssal:
+            y1 = yi
+        else:
+            y1 = jax.tree_util.tree_map(jnp.add, y0, vector_tree_dot(jnp.asarray(tableau.b_sol, dtype), k))
         y_error = vector_tree_dot(jnp.asarray(tableau.b_error, dtype), k)
         dense_info = dict(y0=y0, y1=y1, k=k)
-        new_state = (jnp.array(False), fs[-1]) if fsal else None
+        new_state = (jnp.array(False), f_last) if fsal else None
         return y1, y_error, dense_info, new_state, diffrax.RESULTS.successful
 
 
