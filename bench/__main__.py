@@ -70,8 +70,9 @@ def _seed_case(name, quick):
     t1_diffrax = t1 if quick else 200.0  # 2,000 steps: ~1.7 s per RCA gradient on an H100
     y0, _ = p.make(2250, jnp.float32)
 
-    def scale(horizon):  # keeps the seed's gradient O(1) in float32 (problems.seed_loss_scale)
-        return problems.seed_loss_scale(p.t0, horizon) if name == "seed" else 1.0
+    def loss(horizon):  # sum(y(t1)); the seed's scaled to keep its gradient O(1) in float32
+        scale = problems.seed_loss_scale(p.t0, horizon) if name == "seed" else 1.0
+        return lambda ys: scale * ys.sum()  # array methods: the torch peers call it too
 
     def ours(backend, horizon, interpret=False):
         steps = int(round(horizon / p.dt0))
@@ -79,7 +80,7 @@ def _seed_case(name, quick):
         def fn(y0):
             sol = fusedrk.solve(p.field, y0, p.t0, horizon, dt0=p.dt0, max_steps=steps + 1, backend=backend,
                                 interpret=interpret)
-            return scale(horizon) * jnp.sum(sol.ys), sol.ys[:, 0]
+            return loss(horizon)(sol.ys), sol.ys[:, 0]
 
         return fn
 
@@ -89,12 +90,12 @@ def _seed_case(name, quick):
         def fn(y0):  # the seed as DESIGN.md states it: one ODE with y in R^2250
             sol = diffrax.diffeqsolve(diffrax.ODETerm(p.field), diffrax.Tsit5(), p.t0, horizon, p.dt0, y0,
                                       max_steps=steps + 1, adjoint=adjoint)
-            return scale(horizon) * jnp.sum(sol.ys), sol.ys[0]
+            return loss(horizon)(sol.ys), sol.ys[0]
 
         return fn
 
     def peer(peer_name, horizon):
-        return peers.run(peer_name, peers.Spec(name, (y0,), p.t0, horizon, p.dt0, None, scale(horizon)))
+        return peers.run(peer_name, peers.Spec(name, (y0,), p.t0, horizon, p.dt0, None, loss(horizon)))
 
     return [Case(name, "grad", 2250, t1, t1_diffrax, int(round(t1 / p.dt0)), False, y0, ours, theirs, 1, peer)]
 
@@ -109,8 +110,8 @@ def _ensemble_cases(name, quick, sizes):
     def make(B):
         y0, param = p.make(B, jnp.float32)
 
-        def loss_of(ys):
-            return sum(jnp.mean(leaf ** 2) for leaf in jax.tree_util.tree_leaves(ys))
+        def loss_of(ys):  # array methods: the torch peers call it too
+            return sum((leaf ** 2).mean() for leaf in jax.tree_util.tree_leaves(ys))
 
         def ours(backend, horizon, interpret=False):
             def fn(param):
@@ -135,7 +136,7 @@ def _ensemble_cases(name, quick, sizes):
             return fn
 
         def peer(peer_name, horizon):
-            return peers.run(peer_name, peers.Spec(name, y0, p.t0, horizon, p.dt0, ts, 1.0))
+            return peers.run(peer_name, peers.Spec(name, y0, p.t0, horizon, p.dt0, ts, loss_of))
 
         return param, ours, theirs, (None if adaptive else peer)
 

@@ -57,7 +57,9 @@ class Spec(NamedTuple):
     t1: float
     dt0: float
     ts: object  # save times (lorenz) or None: the state at t1 only (seed)
-    loss_scale: float
+    # The workload's loss of ys in the oracle's layout, written with array methods (.sum(),
+    # .mean()) so that it takes torch tensors as well as JAX arrays.
+    loss: Callable
 
 
 def run(peer: str, spec: Spec) -> PeerRun:
@@ -112,23 +114,17 @@ def _torch(peer, spec: Spec) -> PeerRun:
                                 method="rk4", options=dict(step_size=spec.dt0))
         return ys[1:].transpose(0, 1)
 
-    def loss_of(ys):
-        if lorenz:
-            return sum(torch.mean(ys[..., i] ** 2) for i in range(ys.shape[-1]))
-        return spec.loss_scale * torch.sum(ys[:, -1, 0])
-
     def layout(ys):  # the oracle's: a tuple of (B, n_saves) per component, or y(t1) as (B,)
-        ys = ys.detach().numpy()
         return tuple(ys[..., i] for i in range(ys.shape[-1])) if lorenz else ys[:, -1, 0]
 
     def grad(params):
         x = torch.tensor(np.asarray(params), requires_grad=True)
-        (g,) = torch.autograd.grad(loss_of(solve(x)), x)
+        (g,) = torch.autograd.grad(spec.loss(layout(solve(x))), x)
         return g.numpy()
 
     def forward(params):
         with torch.no_grad():
-            return layout(solve(torch.tensor(np.asarray(params))))
+            return jax.tree_util.tree_map(lambda y: y.numpy(), layout(solve(torch.tensor(np.asarray(params)))))
 
     return PeerRun(grad, forward, lambda out: out)  # torch on the CPU returns finished results
 
@@ -176,8 +172,4 @@ def _gradsolve(peer, spec: Spec) -> PeerRun:
             return tuple(ys[..., i] for i in range(ys.shape[-1]))
         return solve_jax(problem, params[:, None], jnp.zeros_like(params)[:, None], n_steps=n_steps)[:, 0]
 
-    def loss(params):
-        ys = solve(params)
-        return sum(jnp.mean(leaf ** 2) for leaf in ys) if lorenz else spec.loss_scale * jnp.sum(ys)
-
-    return PeerRun(jax.jit(jax.grad(loss)), jax.jit(solve), jax.block_until_ready)
+    return PeerRun(jax.jit(jax.grad(lambda params: spec.loss(solve(params)))), jax.jit(solve), jax.block_until_ready)
