@@ -180,16 +180,16 @@ def runner(case: Case, method: str, horizon: float, interpret: bool) -> peers.Pe
 
 
 def run_case(case: Case, method: str, repeats: int, get_run: Callable, oracle: dict, budget_s=None) -> dict:
-    """Times one method on one case and checks it; get_run(method, horizon) -> PeerRun."""
+    """Times one method on one case and checks it; get_run(case, method, horizon) -> PeerRun."""
     is_ours = method in FUSEDRK_METHODS
     horizon = case.t1 if is_ours else case.t1_diffrax
-    run = get_run(method, horizon)
+    run = get_run(case, method, horizon)
     timed_fn = run.grad if case.mode == "grad" else run.forward
     out, compile_s, p20, p50, p80 = timed(timed_fn, case.params, repeats=repeats, sync=run.sync, budget_s=budget_s)
     scale = (case.t1 / case.t1_diffrax) if not is_ours else 1.0
     # Accuracy at diffrax's horizon, against the oracle there (the timed result when the
     # horizons agree, which saves a compilation).
-    check = get_run(method, case.t1_diffrax) if horizon != case.t1_diffrax else run
+    check = get_run(case, method, case.t1_diffrax) if horizon != case.t1_diffrax else run
     if case.mode == "forward" and check is run:
         ys, grad = out, None
     else:
@@ -311,20 +311,21 @@ def main(argv=None) -> int:
     meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, jaxlib=jaxlib.__version__,
                 diffrax=diffrax.__version__)
     cases = build_cases(opts.workloads, opts.quick)
-    rows = []
     built = {}
+
+    def get_run(case, method, horizon):
+        # Built once per workload, size, method and horizon: the oracle's compiled functions
+        # are the ones its own row then times, and a forward case reuses the forward its
+        # gradient case compiled for the accuracy check.
+        key = (case.workload, case.B, method, horizon)
+        if key not in built:
+            built[key] = runner(case, method, horizon, opts.interpret)
+        return built[key]
+
+    rows = []
     with tqdm(total=sum(len(methods_for(c)) for c in cases), desc="bench", file=sys.stderr) as bar:
         for case in cases:
-            def get_run(method, horizon, case=case):
-                # Built once per workload, size, method and horizon: the oracle's compiled
-                # functions are the ones its own row then times, and a forward case reuses
-                # the forward its gradient case compiled for the accuracy check.
-                key = (case.workload, case.B, method, horizon)
-                if key not in built:
-                    built[key] = runner(case, method, horizon, opts.interpret)
-                return built[key]
-
-            oracle_run = get_run(DEFAULT, case.t1_diffrax)
+            oracle_run = get_run(case, DEFAULT, case.t1_diffrax)
             oracle = dict(ys=oracle_run.forward(case.params))
             if case.mode == "grad":
                 oracle["grad"] = oracle_run.grad(case.params)
