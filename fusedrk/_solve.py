@@ -439,7 +439,11 @@ def _choose_backend(backend, lane_fn, layout, y_flat, diff, nondiff, tdtype) -> 
 
 
 def _check_pallas_device(backend: str, interpret: bool) -> None:
-    if backend == "pallas" and not interpret and jax.default_backend() != "gpu":
+    if backend != "pallas" or interpret or jax.default_backend() == "gpu":
+        return
+    from fusedrk.kernels import _triton
+
+    if not _triton.lowering_for_gpu():
         raise ValueError(
             f'backend="pallas" compiles GPU kernels, but the default JAX device is '
             f'{jax.default_backend()}; pass interpret=True to run the kernels in interpret mode '

@@ -21,7 +21,7 @@ ELEMENTWISE = frozenset(
     """abs acos acosh add asin asinh atan atan2 atanh cbrt ceil clamp convert_element_type cos
     cosh div eq erf erf_inv exp exp2 expm1 floor ge gt integer_pow is_finite le lgamma log log1p
     logistic lt max min mul ne neg nextafter not or pow rem round rsqrt select_n sign sin sinh
-    sqrt square sub tan tanh xor and broadcast_in_dim copy copy_p pjit custom_jvp_call
+    sqrt square sub tan tanh xor and broadcast_in_dim copy copy_p jit pjit custom_jvp_call
     custom_vjp_call stop_gradient""".split()
 )
 

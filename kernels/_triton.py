@@ -5,12 +5,18 @@ arrays in HBM, ``memory_space=pl.ANY``, addressed with ``pl.ds`` lane slices), a
 heuristic. Pallas's Triton backend is deprecated from jax 0.11; a port to Mosaic GPU changes
 this module and the kernels' loads and stores, nothing else.
 
+It also owns lowering for a CUDA GPU on a machine without one (``gpu_lowering``): the Triton
+module of every ``pallas_call`` is captured as it is built, so a test can run the Triton IR
+verifier over it (lowering alone does not verify; XLA does, when it compiles on the GPU).
+
 Must not: contain step algebra or loops over steps.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +79,79 @@ def call(kernel, inputs, out_shape, config: LaunchConfig, *, num_tiles: int, int
     )(*inputs)
 
 
+def count_if(condition: jax.Array, count: int) -> jax.Array:
+    """``count`` where ``condition`` holds, else 0: an int32 loop bound.
+
+    Typed on purpose: ``jnp.where(c, count, 0)`` with weak-typed Python ints lowers to a
+    select whose result takes the predicate's i1 type, and XLA then refuses the module
+    ("'scf.for' op failed to verify that all of {lowerBound, upperBound, step} have same type").
+    """
+    return jnp.where(condition, jnp.int32(count), jnp.int32(0))
+
+
 def any_lane(mask: jax.Array) -> jax.Array:
     """Whether any lane of the tile is set (a reduction over the tile Triton lowers)."""
     return jnp.max(mask.astype(jnp.int32)) > 0
+
+
+# -------------------------------------------------------------- lowering without a GPU
+
+# The abstract device a lowering without a GPU targets on jax >= 0.11 (jax 0.10 assumes
+# compute capability 9.0 when it finds no GPU). Its name selects the Triton target.
+ABSTRACT_GPU_KIND = "NVIDIA H100 80GB HBM3"
+_lowering_for_gpu = False
+
+
+def lowering_for_gpu() -> bool:
+    """True inside ``gpu_lowering``: solve(backend="pallas") may lower for CUDA without a GPU."""
+    return _lowering_for_gpu
+
+
+@contextlib.contextmanager
+def gpu_lowering(mesh=None) -> Iterator[list]:
+    """Lower for a CUDA GPU on any machine, capturing each Triton module as it is built.
+
+    Use with ``jax.jit(fn).trace(...).lower(lowering_platforms=("cuda",))``; the yielded list
+    receives the MLIR operation of every ``pallas_call`` lowered inside the block. Pass the
+    problem's concrete times (Python floats, NumPy arrays): a traced check adds a host
+    callback, which cannot lower for another platform. ``mesh``: an abstract mesh to lower
+    under (a deviceless compile passes its topology's); by default one abstract H100.
+    """
+    global _lowering_for_gpu
+    from jax._src.pallas.triton import lowering as triton_lowering
+
+    captured: list = []
+    original = triton_lowering.lower_jaxpr_to_triton_module
+
+    def capturing(*args, **kwargs):
+        result = original(*args, **kwargs)
+        captured.append(result.module.operation)
+        return result
+
+    with contextlib.ExitStack() as stack:
+        if mesh is None and hasattr(jax.sharding, "AbstractDevice"):  # jax >= 0.11 needs a target
+            device = jax.sharding.AbstractDevice(device_kind=ABSTRACT_GPU_KIND, num_cores=132, platform="gpu")
+            mesh = jax.sharding.AbstractMesh((1,), ("lanes",), abstract_device=device)
+        if mesh is not None:
+            stack.enter_context(jax.sharding.use_abstract_mesh(mesh))
+        triton_lowering.lower_jaxpr_to_triton_module = capturing
+        previous, _lowering_for_gpu = _lowering_for_gpu, True
+        try:
+            yield captured
+        finally:
+            triton_lowering.lower_jaxpr_to_triton_module = original
+            _lowering_for_gpu = previous
+
+
+def verify_error(module) -> Optional[str]:
+    """The Triton IR verifier's first error line for a captured module, or None if valid."""
+    try:
+        module.verify()
+    except Exception as e:  # MLIR raises its own error type, which differs across versions
+        lines = [line.strip() for line in str(e).splitlines() if "error" in line]
+        return lines[0] if lines else str(e).strip()
+    return None
+
+
+def kernel_name(module) -> str:
+    return module.attributes["sym_name"].value

@@ -163,7 +163,7 @@ def forward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff:
                     r[j, lanes] = leaf
                 return _
 
-            lax.fori_loop(0, jnp.where(t_start == t_end, T, 0), fill, 0)
+            lax.fori_loop(jnp.int32(0), _triton.count_if(t_start == t_end, T), fill, 0)
         else:
             for r, leaf in zip(ys_refs, y_final):
                 r[jnp.int32(0), lanes] = leaf

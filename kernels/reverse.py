@@ -133,7 +133,7 @@ def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff
             def add_row(j, acc):
                 return tuple(a + r[j, lanes] for a, r in zip(acc, ys_bar_refs))
 
-            y_bar = lax.fori_loop(0, jnp.where(t_start == t_end, T, 0), add_row, y_bar)
+            y_bar = lax.fori_loop(jnp.int32(0), _triton.count_if(t_start == t_end, T), add_row, y_bar)
         for r, g in zip(y_bar_refs, y_bar):
             r[lanes] = g
         for r, g, axis in zip(args_bar_refs, args_bar, problem.diff_axes):
