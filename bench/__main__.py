@@ -205,7 +205,8 @@ def run_case(case: Case, method: str, repeats: int, get_run: Callable, oracle: d
     row["traj_steps_per_s"] = case.B * case.steps / (row["median_ms"] / 1e3)
     if is_ours and case.mode == "grad":
         rows = case.steps + 1
-        row["tape_bytes"] = tape_bytes(rows, (jnp.zeros((case.B, case.state_per_lane), jnp.float32),), 4)
+        row["tape_bytes"] = tape_bytes(rows, (jnp.zeros((case.B, case.state_per_lane), jnp.float32),), 4,
+                                       backend=method.removeprefix("fusedrk-"), adaptive=case.adaptive)
         row["tape_gbps"] = 2 * row["tape_bytes"] / (row["median_ms"] / 1e3) / 1e9
     return row
 

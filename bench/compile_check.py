@@ -221,7 +221,7 @@ def first_error(text: str) -> str:
     return next((line for line in lines if "error" in line.lower()), lines[-1] if lines else "")
 
 
-def compile_variant(v: Variant, mesh, dump: str, ptxas: str) -> list:
+def compile_variant(v: Variant, mesh, dump: str, ptxas: str, keep: str | None = None) -> list:
     """XLA-compile one variant for the deviceless H100; a result dict per kernel."""
     from jax.sharding import NamedSharding, PartitionSpec
 
@@ -250,6 +250,8 @@ def compile_variant(v: Variant, mesh, dump: str, ptxas: str) -> list:
         if not ptx:
             row["error"] = "compiled, but the XLA dump holds no PTX for this kernel"
             continue
+        if keep:
+            shutil.copy(ptx[0], os.path.join(keep, f"{v.name}.{name}.ptx"))
         row.update(ptxas_resources(ptxas, ptx[0], name))
         launch = re.search(rf"\b{re.escape(name)} grid: .*?threads: \[(\d+).*?shared_memory: (\d+) bytes", launches)
         threads, dynamic = (int(launch.group(1)), int(launch.group(2))) if launch else (128, 0)
@@ -280,6 +282,7 @@ def main() -> int:
     parser.add_argument("--variants", nargs="*", help="variant names (default: all); see --list")
     parser.add_argument("--list", action="store_true", help="print the variant names and exit")
     parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--keep", help="copy each kernel's PTX into this folder")
     opts = parser.parse_args()
     if opts.list:
         print("\n".join(v.name for v in VARIANTS))
@@ -300,10 +303,12 @@ def main() -> int:
 
     print(f"jax {jax.__version__}, jaxlib {jaxlib.__version__}, target {topology.devices[0].device_kind} "
           f"(deviceless), {time.strftime('%Y-%m-%d')}", flush=True)
+    if opts.keep:
+        os.makedirs(opts.keep, exist_ok=True)
     chosen = [v for v in VARIANTS if not opts.variants or v.name in opts.variants]
     rows = []
     for v in chosen:
-        new = compile_variant(v, mesh, os.path.join(_DUMP, "xla"), ptxas)
+        new = compile_variant(v, mesh, os.path.join(_DUMP, "xla"), ptxas, opts.keep)
         for r in new:
             print(f"{r['variant']} {r['kernel']}: " + (
                 f"regs {r.get('regs')}, spills {r.get('spill_store')}/{r.get('spill_load')} B, {r.get('occupancy')}"

@@ -393,12 +393,22 @@ def _device_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def tape_bytes(rows: int, y_flat: tuple, time_itemsize: int) -> int:
-    """Bytes of the stored tape: per row and lane, the start state, k_1..k_6, two times and
-    an accepted flag."""
+def tape_bytes(rows: int, y_flat: tuple, time_itemsize: int, *, backend: str, adaptive: bool) -> int:
+    """Bytes of the gradient tape ``backend`` stores: per row and lane, the start state and
+    k_1..k_6, the step's two times and an accepted flag.
+
+    The kernels store whole lane tiles (B padded up to a multiple of the tile), both times for
+    every lane and an int32 flag. The jax backend stores B lanes and a bool flag; with fixed
+    steps all lanes share their times, so it keeps one pair per row.
+    """
     B = y_flat[0].shape[0]
-    state = sum(int(np.prod(y.shape)) * y.dtype.itemsize for y in y_flat)
-    return rows * ((1 + TAPE_STAGES) * state + B * (2 * time_itemsize + 1))
+    per_lane = (1 + TAPE_STAGES) * sum(int(np.prod(y.shape[1:])) * y.dtype.itemsize for y in y_flat)
+    if backend == "pallas":
+        from fusedrk.kernels import _triton
+
+        return rows * _triton.padded_batch(B) * (per_lane + 2 * time_itemsize + 4)
+    times = 2 * time_itemsize * (B if adaptive else 1)
+    return rows * (B * (per_lane + 1) + times)
 
 
 # ----------------------------------------------------------------------------- custom_vjp
@@ -508,7 +518,8 @@ def _make_core(lane_fn, layout: _ArgsLayout, config, *, choose_dt0: bool, backen
             is_leaf=lambda p: isinstance(p, CustomVJPPrimal),
         )
         y0_value = tuple(values[0])
-        needed = tape_bytes(config.rows, y0_value, values[3].dtype.itemsize)
+        needed = tape_bytes(config.rows, y0_value, values[3].dtype.itemsize, backend=backend,
+                            adaptive=config.adaptive)
         available = _device_memory_bytes()
         if needed > available:
             raise MemoryError(

@@ -55,6 +55,12 @@ def choose_launch(batch: int) -> LaunchConfig:
     return LaunchConfig(lane_tile=tile)
 
 
+def padded_batch(batch: int) -> int:
+    """Lanes the kernels store for a batch: whole tiles (padded lanes repeat the last one)."""
+    tile = choose_launch(batch).lane_tile
+    return -(-batch // tile) * tile
+
+
 def lane_slice(config: LaunchConfig):
     """The slice of a [..., B] ref that belongs to this program's lane tile."""
     return pl.ds(pl.program_id(0) * config.lane_tile, config.lane_tile)

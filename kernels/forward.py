@@ -68,8 +68,8 @@ def forward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff:
     B = y0[0].shape[0]
     launch = _triton.choose_launch(B)
     TB = launch.lane_tile
-    num_tiles = -(-B // TB)
-    Bp = num_tiles * TB
+    Bp = _triton.padded_batch(B)
+    num_tiles = Bp // TB
     L = len(y0)
     T = times.ts.shape[0]
     rows = config.rows

@@ -1,11 +1,14 @@
-"""Smoke test of the benchmark harness: `python -m bench --quick --workloads seed`."""
+"""Smoke tests of the benchmark harnesses: `python -m bench --quick` and `bench/gpu_check.py --quick --interpret`."""
 
 import csv
+import json
 import math
 import os
 import subprocess
 import sys
+import time
 
+import jax
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,3 +75,44 @@ def test_peer_runners_agree_with_diffrax(peer, workload):
     # Float32, a few dozen steps; torchdiffeq's RK4 differs from Tsit5 by its truncation error.
     assert rel_err(run.forward(params), oracle(params)[1]) < 1e-4
     assert rel_err(run.grad(params), grad) < 1e-4
+
+
+def _results(out):
+    with open(out / "results.jsonl") as fh:
+        return [json.loads(line) for line in fh]
+
+
+@pytest.mark.slow
+def test_gpu_check_quick_interpret_runs_every_part(tmp_path):
+    # The one GPU run's script, on the CPU at tiny sizes: every code path it takes on a GPU.
+    from bench import gpu_check
+
+    assert gpu_check.main(["--quick", "--interpret", "--out", str(tmp_path)]) == 0
+    rows = _results(tmp_path)
+    assert rows[0]["part"] == "versions" and rows[0]["jax"] == jax.__version__
+    checks = [r for r in rows if r["part"] == "check"]
+    assert len(checks) == len(gpu_check.correctness_cases(quick=True))
+    for r in checks:
+        assert r["status"] == "PASS" and r["ys_rel_err"] <= r["tol_ys"] and r["grad_rel_err"] <= r["tol_grad"], r
+    targets = {r["name"]: r for r in rows if r["part"] == "target"}
+    assert set(targets) == {"seed", "seed-nl", "lorenz-grad", "lorenz-forward", "tape-traffic", "lorenz-adaptive-f64"}
+    assert all(r["status"] == "n/a (quick)" for r in targets.values()), targets
+    assert {r["name"] for r in rows if r["part"] == "diffrax"} == set(targets) - {"tape-traffic"}
+    log = (tmp_path / "log.txt").read_text()
+    assert "-- target seed" in log and "| check | f64-fixed-ts | PASS |" in (tmp_path / "table.md").read_text()
+
+
+def test_gpu_check_survives_a_failing_part_and_its_budget(tmp_path, monkeypatch):
+    from bench import gpu_check
+
+    def boom():
+        raise RuntimeError("a kernel failed")
+
+    ran = []
+    monkeypatch.setattr(gpu_check, "parts", lambda run: [("boom", boom), ("after", lambda: ran.append(1)),
+                                                         ("late", lambda: time.sleep(0.2)), ("never", ran.clear)])
+    assert gpu_check.main(["--interpret", "--out", str(tmp_path), "--budget-s", "0.1"]) == 1
+    rows = _results(tmp_path)
+    assert [(r["name"], r["status"]) for r in rows[1:]] == [("boom", "ERROR"), ("never", "skipped")], rows
+    assert ran == [1]
+    assert "RuntimeError: a kernel failed" in (tmp_path / "log.txt").read_text()

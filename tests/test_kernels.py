@@ -164,6 +164,30 @@ def test_auto_chooses_jax_without_a_gpu():
     np.testing.assert_array_equal(sol.ys, ref.ys)
 
 
+@pytest.mark.parametrize("adaptive", [False, True], ids=["fixed", "adaptive"])
+@pytest.mark.parametrize("B", [7, 129])
+def test_tape_bytes_is_what_each_backend_allocates(B, adaptive):
+    p = problems.LORENZ
+    y0, rho = p.make(B, jnp.float32)
+    config = _reference.Config(adaptive=adaptive, save_ts=False, rows=10)
+    one = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    times = _reference.Times(direction=jnp.asarray(1), t_start=one(0.0), t_end=one(1.0), dt0=one(0.1),
+                             ts=jnp.zeros((1,), jnp.float32), rtol=one(1e-6), atol=one(1e-6))
+
+    def lane_fn(t, y, diff, nondiff):
+        return tuple(jnp.broadcast_to(o, y[0].shape) for o in p.field(t, y, diff[0]))
+
+    def batched(t, y):
+        return jax.vmap(p.field, in_axes=(0 if jnp.ndim(t) else None, 0, 0))(t, y, rho)
+
+    kernel = jax.eval_shape(lambda y, r: kernels.forward(config, kernels.TileProblem(lane_fn, (0,), ()), times, y,
+                                                         [r], [], with_tape=True, interpret=True), y0, rho)
+    reference = jax.eval_shape(lambda y: _reference.forward(config, batched, times, y, with_tape=True), y0)
+    for backend, fwd in (("pallas", kernel), ("jax", reference)):
+        allocated = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(fwd.tape))
+        assert fusedrk._solve.tape_bytes(10, y0, 4, backend=backend, adaptive=adaptive) == allocated, backend
+
+
 def test_step_algebra_is_shared_not_copied():
     # The kernels reach the step only through fusedrk._step: no coefficients of their own.
     import inspect
