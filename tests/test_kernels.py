@@ -32,6 +32,8 @@ CASES = {
     "fixed-two-tiles": (problems.DECAY, 129, 0.0, 1.0, dict(dt0=0.1, ts=jnp.asarray([0.5, 1.0]))),
     "backward-adaptive": (problems.DECAY, 5, 2.0, 0.0, dict(dt0=-0.1, rtol=1e-7, atol=1e-9, ts=jnp.asarray([2.0, 1.1, 0.0]))),
     "adaptive-no-dt0": (problems.LORENZ, 3, 0.0, 0.3, dict(rtol=1e-6, atol=1e-6)),
+    "backward-adaptive-no-dt0": (problems.DECAY, 3, 2.0, 0.0, dict(rtol=1e-7, atol=1e-9, ts=jnp.asarray([2.0, 0.5]))),
+    "t0-equals-t1": (problems.DECAY, 3, 1.0, 1.0, dict(dt0=0.1, ts=jnp.asarray([1.0, 1.0]))),
 }
 
 

@@ -117,3 +117,22 @@ def test_under_jit_with_traced_times(x64):
                         dt0=0.1, rtol=1e-7, atol=1e-9, ts=ts)
     assert_tree_close(sol.ys, ref.ys, rtol=1e-10)
     np.testing.assert_array_equal(sol.stats["num_steps"], ref.stats["num_steps"])
+
+
+def test_adaptive_backward_without_dt0(x64):
+    # The first-step heuristic works on internal (increasing) time: a sign slip there sends
+    # every lane to max_steps.
+    y0, args = problems.DECAY.make(5, jnp.float64)
+    sol, _ = compare(problems.decay_field, y0, 3.0, 0.0, dtype=jnp.float64, args=args,
+                     args_axes=problems.DECAY.args_axes, rtol=1e-7, atol=1e-9, ts=jnp.asarray([3.0, 1.0, 0.0]))
+    assert int(np.max(sol.stats["num_steps"])) < 100
+
+
+def test_far_too_large_first_step_is_rejected_as_diffrax_does(x64):
+    # dt0 = 0.5 on a stiff decay: the first attempts are rejected with the controller's
+    # smallest factor (factormin), so the step count pins down that floor.
+    y0 = jnp.linspace(0.5, 1.5, 3)
+    args = {"k": jnp.asarray([50.0, 20.0, 5.0]), "c": jnp.asarray(0.3)}
+    sol, _ = compare(problems.decay_field, y0, 0.0, 3.0, dtype=jnp.float64, args=args,
+                     args_axes={"k": 0, "c": None}, dt0=0.5, rtol=1e-8, atol=1e-8)
+    assert int(np.min(sol.stats["num_rejected_steps"])) >= 1

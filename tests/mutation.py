@@ -1,0 +1,161 @@
+"""Mutation testing: does the suite catch single-line bugs in the solver and the kernels?
+
+    python tests/mutation.py              # every mutant (about 20-40 minutes on 2 cores)
+    python tests/mutation.py --list       # the mutants, numbered
+    python tests/mutation.py --only 3 7   # some of them
+
+Not part of the test run (too slow); run it after large changes to the step algebra, the
+backends or the kernels, and fix or explain every survivor.
+
+Why a script and not mutmut or cosmic-ray: those generate hundreds of operator mutants per file
+and rerun the chosen tests for each; one of this suite's test files costs 10-60 s of JAX
+compilation, so a full run would take days on 2 cores. Instead each mutant here is a chosen
+single-line bug of the kind that gives a plausible wrong answer (a sign, a floor, an index, a
+mask), applied to a copy of the repository, with the test files that should catch it.
+A mutant is killed when those tests fail (``pytest -x``: the first failure ends the run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import NamedTuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Mutant(NamedTuple):
+    path: str
+    old: str  # must occur exactly once in the file
+    new: str
+    tests: tuple  # test files (or node ids) expected to catch it
+    why: str
+
+
+ORACLE = ("tests/test_oracle.py",)
+GRADS = ("tests/test_gradients.py",)
+KERNELS = ("tests/test_kernels.py",)
+ALLSAVE = ("tests/test_allsave.py",)
+
+MUTANTS = [
+    # -- the four that survived the suite of 2026-11-27 (issue 15)
+    Mutant("fusedrk/_reference.py", "jnp.sum(g, axis=1)", "g[:, 0]", GRADS,
+           "t0 == t1 with repeated save times: the gradient counts one save"),
+    Mutant("fusedrk/_solve.py", "jnp.full_like(t0, _step.AUTO_DT0) if choose_dt0",
+           "jnp.full_like(t0, _step.AUTO_DT0) * direction if choose_dt0", ORACLE,
+           "adaptive backward solve with dt0=None: lanes run to max_steps"),
+    Mutant("kernels/forward.py", "_triton.count_if(t_start == t_end, T), fill", "_triton.count_if(t_start == t_end, 0), fill",
+           KERNELS, "kernels with t0 == t1 return inf instead of y0"),
+    Mutant("fusedrk/_step.py", "jnp.where(keep, 1, FACTOR_MIN)", "jnp.where(keep, 1, FACTOR_MIN / 2)", ORACLE,
+           "rejected steps shrink by half the controller's floor"),
+    # -- step algebra
+    Mutant("fusedrk/_step.py", "return tuple(t0 if c == 0 else (t1 if c == 1 else t0 + c * dt) for c in C)",
+           "return tuple(t0 if c == 0 else t0 + c * dt for c in C)", ORACLE,
+           "c = 1 stages at t0 + dt instead of t1 exactly (last bits of the stage time)"),
+    Mutant("fusedrk/_step.py", "    keep = error < 1\n", "    keep = error <= 1\n", ORACLE,
+           "accept an error of exactly 1"),
+    Mutant("fusedrk/_step.py", "    tclip = jnp.where(keep, t_end, tprev + 0.5 * (t_end - tprev))",
+           "    tclip = jnp.where(keep, t_end, t_end)", ORACLE, "a rejected step near t1 is not halved"),
+    Mutant("fusedrk/_step.py", "    return jnp.where(steps_completed == num_steps, t_end, out)", "    return out",
+           ORACLE, "the last fixed step does not land on t1 exactly"),
+    Mutant("fusedrk/_step.py", "    return jnp.where(same, 0, t - t0) / jnp.where(same, 1, t1 - t0)",
+           "    return jnp.where(same, 1, t - t0) / jnp.where(same, 1, t1 - t0)", ORACLE,
+           "interpolation at a zero-length step"),
+    Mutant("fusedrk/_step.py", "            w = w * (theta * theta + p * theta + q)",
+           "            w = w * (theta * theta + p * theta - q)", ORACLE, "a dense-output weight's constant term"),
+    Mutant("fusedrk/_step.py", "    y0_bar = tuple(a + b for a, b in zip(y0_bar, y_bar))",
+           "    y0_bar = tuple(b for a, b in zip(y0_bar, y_bar))", GRADS,
+           "interpolation VJP drops the cotangent already on y0"),
+    Mutant("fusedrk/_step.py", "            k_bars[j] = tuple(kb + a * g for kb, g in zip(k_bars[j], y_i_bar))",
+           "            k_bars[j] = tuple(kb + g for kb, g in zip(k_bars[j], y_i_bar))", GRADS,
+           "stage VJP ignores the Butcher coefficient"),
+    Mutant("fusedrk/_step.py", "        nonfinite=(accept & ~all_finite(y1)) | (active & ~jnp.isfinite(new_tnext)),",
+           "        nonfinite=(accept & ~all_finite(y1)),", ("tests/test_errors.py",),
+           "a NaN step size is not reported"),
+    # -- the jax backend's loop and tape
+    Mutant("fusedrk/_reference.py", "        mask = tape.accepted[n]", "        mask = tape.accepted[n] | True", GRADS,
+           "rejected steps contribute to the gradient"),
+    Mutant("fusedrk/_reference.py", "    start_y_bar, start_args_bar = field_vjp(t_start, y0, f_bar)",
+           "    start_y_bar, start_args_bar = field_vjp(t_start, y0, tuple(0 * x for x in f_bar))", GRADS,
+           "the first FSAL evaluation gets no cotangent"),
+    # -- solve()
+    Mutant("fusedrk/_solve.py", "    return int(np.ceil(span / np.nextafter(dt, np.inf)))", "    return int(np.ceil(span / dt))",
+           ORACLE + ("tests/test_replay.py",), "fixed-step count from concrete times one off at exact multiples"),
+    Mutant("fusedrk/_solve.py", "            if (c1 - c0) * cd < 0:", "            if (c1 - c0) * cd < -1:", ("tests/test_errors.py",),
+           "a dt0 of the wrong sign is accepted"),
+    # -- kernels
+    Mutant("kernels/forward.py", "        mask = accept & (j >= index) & (t_save <= tnext)",
+           "        mask = accept & (t_save <= tnext)", KERNELS, "a lane overwrites a save it already made"),
+    Mutant("kernels/reverse.py", "            mask = accepted_ref[n, lanes] != 0", "            mask = accepted_ref[n, lanes] == 0",
+           KERNELS, "the reverse kernel sweeps rejected steps"),
+    Mutant("kernels/reverse.py", "                mask = saved_at == n", "                mask = saved_at >= n", KERNELS,
+           "a save's cotangent injected more than once"),
+    Mutant("kernels/_problem.py", "        return jnp.pad(x, (0, extra), mode=\"edge\") if extra else x",
+           "        return jnp.pad(x, (0, extra)) if extra else x", KERNELS,
+           "padded lanes start at zero (NaN-free, but shared cotangents see them)"),
+    # -- AllSaveAdjoint
+    Mutant("fusedrk/_allsave.py", "            pullback = jax.tree_util.tree_unflatten(treedef, [b[n - 1 - i] for b in buffers])",
+           "            pullback = jax.tree_util.tree_unflatten(treedef, [b[i] for b in buffers])", ALLSAVE,
+           "the backward pass walks the steps forwards"),
+]
+
+
+def _copy_repository(dest: str) -> None:
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        target = os.path.join(dest, f)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copy2(os.path.join(ROOT, f), target)
+    # fusedrk.kernels from the copy's kernels/ (the installed package maps it the same way).
+    os.symlink(os.path.join(dest, "kernels"), os.path.join(dest, "fusedrk", "kernels"))
+
+
+def run_mutant(m: Mutant, timeout_s: float) -> tuple:
+    with tempfile.TemporaryDirectory(prefix="fusedrk-mutant.") as copy:
+        _copy_repository(copy)
+        path = os.path.join(copy, m.path)
+        source = open(path).read()
+        if source.count(m.old) != 1:
+            return "stale", 0.0, f"the original text occurs {source.count(m.old)} times in {m.path}"
+        with open(path, "w") as fh:
+            fh.write(source.replace(m.old, m.new))
+        env = dict(os.environ, PYTHONPATH=copy)
+        start = time.perf_counter()
+        try:
+            out = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *m.tests],
+                                 cwd=copy, env=env, capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return "timeout", time.perf_counter() - start, ""
+        seconds = time.perf_counter() - start
+        failed = [line for line in out.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
+        return ("killed" if out.returncode else "survived"), seconds, (failed[0] if failed else out.stdout.strip()[-200:])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python tests/mutation.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--only", type=int, nargs="*", help="mutant numbers to run")
+    parser.add_argument("--timeout-s", type=float, default=900.0, help="per mutant")
+    opts = parser.parse_args()
+    chosen = [(i, m) for i, m in enumerate(MUTANTS) if not opts.only or i in opts.only]
+    if opts.list:
+        for i, m in chosen:
+            print(f"{i:2d} {m.path}: {m.why}")
+        return 0
+    survivors = 0
+    for i, m in chosen:
+        status, seconds, detail = run_mutant(m, opts.timeout_s)
+        survivors += status != "killed"
+        print(f"{i:2d} {status:8s} {seconds:6.0f} s  {m.path}: {m.why}\n            {detail}", flush=True)
+    print(f"mutation score: {len(chosen) - survivors} of {len(chosen)} killed")
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
