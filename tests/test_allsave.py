@@ -11,7 +11,6 @@ this project's CPU machine, 20 fixed Tsit5 steps (forward / jit(grad)):
 import traceback
 
 import diffrax
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,20 +57,23 @@ def _rounding_spread(grad):
     return spread
 
 
-@pytest.mark.parametrize(
-    "solver, controller",
-    [
-        (diffrax.Tsit5(), diffrax.ConstantStepSize()),
-        (diffrax.Tsit5(), diffrax.PIDController(rtol=1e-7, atol=1e-9)),
-        (diffrax.Dopri5(), diffrax.PIDController(rtol=1e-6, atol=1e-8)),
-        (diffrax.Dopri8(), diffrax.PIDController(rtol=1e-8, atol=1e-10)),
-        (diffrax.Heun(), diffrax.ConstantStepSize()),
-        (diffrax.Euler(), diffrax.ConstantStepSize()),
-    ],
-    ids=["tsit5-fixed", "tsit5-pid", "dopri5-pid", "dopri8-pid", "heun-fixed", "euler-fixed"],
-)
-@pytest.mark.parametrize("saveat", ["t1", "ts", "steps"])
-def test_gradients_equal_direct_and_recursive_checkpoint(x64, solver, controller, saveat):
+_SOLVERS = {
+    "tsit5-fixed": (diffrax.Tsit5(), diffrax.ConstantStepSize()),
+    "tsit5-pid": (diffrax.Tsit5(), diffrax.PIDController(rtol=1e-7, atol=1e-9)),
+    "dopri5-pid": (diffrax.Dopri5(), diffrax.PIDController(rtol=1e-6, atol=1e-8)),
+    "dopri8-pid": (diffrax.Dopri8(), diffrax.PIDController(rtol=1e-8, atol=1e-10)),
+    "heun-fixed": (diffrax.Heun(), diffrax.ConstantStepSize()),
+    "euler-fixed": (diffrax.Euler(), diffrax.ConstantStepSize()),
+}
+# Every save mode for Tsit5 (the save modes differ in the loop, not in the solver); the other
+# solvers with save times only, which exercise their dense output too.
+_MATRIX = [(name, saveat) for name in _SOLVERS for saveat in
+           (("t1", "ts", "steps") if name.startswith("tsit5") else ("ts",))]
+
+
+@pytest.mark.parametrize("name, saveat", _MATRIX, ids=[f"{n}-{s}" for n, s in _MATRIX])
+def test_gradients_equal_direct_and_recursive_checkpoint(x64, name, saveat):
+    solver, controller = _SOLVERS[name]
     saveat = {"t1": diffrax.SaveAt(t1=True), "ts": diffrax.SaveAt(ts=jnp.linspace(0.0, 2.0, 5)),
               "steps": diffrax.SaveAt(steps=True)}[saveat]
     ours = _grads(solver, controller, saveat, fusedrk.AllSaveAdjoint())()
@@ -87,7 +89,7 @@ def test_gradients_equal_direct_and_recursive_checkpoint(x64, solver, controller
     # for Dopri8 with SaveAt(steps=True)), so there DirectAdjoint is the oracle.
     if isinstance(controller, diffrax.ConstantStepSize):
         rca = _grads(solver, controller, saveat, diffrax.RecursiveCheckpointAdjoint())()
-        assert_tree_close(ours, rca, rtol=1e-10)
+        assert_tree_close(ours, rca, rtol=1e-12)
 
 
 @pytest.mark.parametrize("controller", [diffrax.ConstantStepSize(), diffrax.PIDController(rtol=1e-6, atol=1e-8)])
@@ -176,9 +178,7 @@ def test_works_under_vmap(x64):
     ours = jax.vmap(jax.grad(loss, argnums=1), in_axes=(None, 0))(jnp.ones(2), k)
     adjoint = diffrax.RecursiveCheckpointAdjoint()
     ref = jax.vmap(jax.grad(loss, argnums=1), in_axes=(None, 0))(jnp.ones(2), k)
-    np.testing.assert_allclose(ours, ref, rtol=1e-10)
-    assert isinstance(fusedrk.AllSaveAdjoint(), diffrax.AbstractAdjoint)
-    assert eqx.tree_equal(fusedrk.AllSaveAdjoint(), fusedrk.AllSaveAdjoint())
+    np.testing.assert_allclose(ours, ref, rtol=1e-12)
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings, strategies as st
 
 import fusedrk
-from conftest import assert_tree_close, diffrax_solve
+from conftest import F64_TOL, assert_tree_close, diffrax_solve
 
 B = 4
 
@@ -55,8 +55,8 @@ def test_linear_systems_agree_with_diffrax(y0, a, b, t1):
         out = _values_and_grads(y0, a, b, jnp.float64(t1))
         for adaptive, r in out.items():
             np.testing.assert_array_equal(r["ours_steps"], r["ref_steps"])
-            assert_tree_close(r["ours"], r["ref"], rtol=1e-10, atol=1e-12)
-            assert_tree_close(r["ours_grad"], r["ref_grad"], rtol=1e-10, atol=1e-12)
+            assert_tree_close(r["ours"], r["ref"], rtol=F64_TOL, atol=1e-14)
+            assert_tree_close(r["ours_grad"], r["ref_grad"], rtol=F64_TOL, atol=1e-14)
         # Against the exact solution y0 e^(a t) + b (e^(a t) - 1) / a too (fixed steps, dt0 = 0.05).
         at = a * t1
         small = jnp.abs(at) < 1e-8
