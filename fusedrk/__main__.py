@@ -3,12 +3,15 @@
 Solves and differentiates a batch of Van der Pol oscillators, one damping parameter per lane,
 with adaptive Tsit5 in float64 on the default device; checks values, step counts and
 gradients against ``jax.vmap(diffrax.diffeqsolve)`` when diffrax is installed, and times
-both. Sized to finish in well under a minute on two CPU cores.
+both. Sized to finish in well under a minute on two CPU cores; ``--quick`` (CI) is smaller.
+Exit status 1 when the agreement check fails: step counts differ, or values or gradients
+differ by more than AGREEMENT (the project's float64 promise).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 import jax
 
@@ -21,13 +24,21 @@ import fusedrk  # noqa: E402
 from fusedrk import problems  # noqa: E402
 from fusedrk._measure import rel_err, timed  # noqa: E402
 
+AGREEMENT = 1e-10
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fusedrk", description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=256, help="number of ODEs (lanes)")
+    parser.add_argument("--quick", action="store_true", help="32 lanes, one timed repeat, one diffrax adjoint")
+    parser.add_argument("--agreement", type=float, default=AGREEMENT,
+                        help="largest relative error of values and gradients that passes the check")
     # The gradient tape is preallocated for max_steps rows; these lanes need at most ~180.
     parser.add_argument("--max-steps", type=int, default=512, help="step limit (and gradient tape rows)")
     opts = parser.parse_args(argv)
+    if opts.quick:
+        opts.batch = 32
+    repeats = 1 if opts.quick else 3
 
     p = problems.VDP
     y0, mu = p.make(opts.batch, jnp.float64)
@@ -43,8 +54,8 @@ def main(argv=None) -> None:
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     print(f"problem: {opts.batch} Van der Pol oscillators, per-lane mu in [0.5, 3], t in [0, 6], "
           "adaptive Tsit5 (rtol = atol = 1e-8), 25 save times, float64")
-    sol, c_fwd, _, t_fwd, _ = timed(jax.jit(ours), mu, repeats=3)
-    grad, c_grad, _, t_grad, _ = timed(jax.jit(jax.grad(lambda m: loss(ours(m).ys))), mu, repeats=3)
+    sol, c_fwd, _, t_fwd, _ = timed(jax.jit(ours), mu, repeats=repeats)
+    grad, c_grad, _, t_grad, _ = timed(jax.jit(jax.grad(lambda m: loss(ours(m).ys))), mu, repeats=repeats)
     steps = np.asarray(sol.stats["num_steps"])
     print(f"fusedrk  forward    {t_fwd * 1e3:9.2f} ms   (compile {c_fwd:.1f} s), steps per lane "
           f"{steps.min()}..{steps.max()}, rejected {int(np.sum(sol.stats['num_rejected_steps']))}")
@@ -54,7 +65,7 @@ def main(argv=None) -> None:
         import diffrax
     except ImportError:
         print("diffrax is not installed: no comparison (pip install diffrax)")
-        return
+        return 0
 
     def oracle(mu, adjoint):
         def one(y0_lane, mu_lane):
@@ -67,18 +78,26 @@ def main(argv=None) -> None:
         return jax.vmap(one)(y0, mu)
 
     adjoint = diffrax.RecursiveCheckpointAdjoint()
-    ref, _, _, t_ref_fwd, _ = timed(jax.jit(lambda m: oracle(m, adjoint)), mu, repeats=3)
+    ref, _, _, t_ref_fwd, _ = timed(jax.jit(lambda m: oracle(m, adjoint)), mu, repeats=repeats)
     same_steps = bool(np.array_equal(sol.stats["num_steps"], ref.stats["num_steps"]))
-    print(f"agreement with jax.vmap(diffrax.diffeqsolve): ys max rel err "
-          f"{rel_err(sol.ys, ref.ys):.1e}, "
+    errors = [rel_err(sol.ys, ref.ys)]
+    print(f"agreement with jax.vmap(diffrax.diffeqsolve): ys max rel err {errors[0]:.1e}, "
           f"equal step counts per lane: {same_steps}")
-    for adjoint in (diffrax.RecursiveCheckpointAdjoint(), diffrax.DirectAdjoint()):
+    adjoints = [diffrax.RecursiveCheckpointAdjoint()] + ([] if opts.quick else [diffrax.DirectAdjoint()])
+    for adjoint in adjoints:
         name = type(adjoint).__name__
-        ref_grad, _, _, t_ref, _ = timed(jax.jit(jax.grad(lambda m: loss(oracle(m, adjoint).ys))), mu, repeats=3)
+        ref_grad, _, _, t_ref, _ = timed(jax.jit(jax.grad(lambda m: loss(oracle(m, adjoint).ys))), mu, repeats=repeats)
+        errors.append(rel_err(grad, ref_grad))
         print(f"diffrax  jit(grad)  {t_ref * 1e3:9.2f} ms   {name}: gradient max rel err "
-              f"{rel_err(grad, ref_grad):.1e}, fusedrk {t_ref / t_grad:.1f}x faster")
+              f"{errors[-1]:.1e}, fusedrk {t_ref / t_grad:.1f}x faster")
     print(f"diffrax  forward    {t_ref_fwd * 1e3:9.2f} ms   fusedrk {t_ref_fwd / t_fwd:.1f}x faster")
+    if same_steps and max(errors) <= opts.agreement:
+        print(f"agreement check passed (equal step counts, errors <= {opts.agreement:g})")
+        return 0
+    print(f"AGREEMENT CHECK FAILED: equal step counts {same_steps}, largest error {max(errors):.1e} "
+          f"(allowed {opts.agreement:g})")
+    return 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -116,3 +116,12 @@ def test_gpu_check_survives_a_failing_part_and_its_budget(tmp_path, monkeypatch)
     assert [(r["name"], r["status"]) for r in rows[1:]] == [("boom", "ERROR"), ("never", "skipped")], rows
     assert ran == [1]
     assert "RuntimeError: a kernel failed" in (tmp_path / "log.txt").read_text()
+
+
+def test_demo_agreement_check_can_fail():
+    # CI runs `python -m fusedrk --quick` and relies on its exit status; with an impossible
+    # bar (errors below 0) the same run must exit 1 and say why.
+    run = subprocess.run([sys.executable, "-m", "fusedrk", "--quick", "--agreement", "-1"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "AGREEMENT CHECK FAILED: equal step counts True" in run.stdout
