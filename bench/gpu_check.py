@@ -13,7 +13,7 @@ after ``--budget-s`` seconds the remaining parts are skipped and listed as skipp
    float64, fixed and adaptive steps, ``ts`` and t1-only, per-lane and shared arguments with
    gradients, B = 1, 7, 129, backward time, a lane hitting max_steps, the seed's 80,000-step
    gradient. float64: equal step counts and values and gradients to 1e-10. float32, fixed
-   steps: 10 ulps per step (``FLOAT32_ULPS_PER_STEP``). float32, adaptive steps: rounding flips
+   steps: 10 ulps per step (``fusedrk._measure.rounding_tol``). float32, adaptive: rounding flips
    accept/reject decisions, so the bar is the rounding envelope: the jax backend's own change
    when y0 moves by one ulp, times ``ENVELOPE_MULTIPLE``, plus the fixed-step bound; the
    fraction of lanes with equal step counts is reported.
@@ -44,8 +44,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-FLOAT32_ULPS_PER_STEP = 10  # the project's rounding model (tests/conftest.py float_tol)
-ENVELOPE_MULTIPLE = 4
 FLOAT64_TOL = 1e-10
 
 
@@ -71,7 +69,7 @@ def _import_fusedrk():
 
 fusedrk = _import_fusedrk()
 from fusedrk import problems  # noqa: E402
-from fusedrk._measure import rel_err, timed  # noqa: E402
+from fusedrk._measure import ENVELOPE_MULTIPLE, one_ulp_up, rel_err, rounding_tol, timed  # noqa: E402
 from fusedrk._solve import tape_bytes  # noqa: E402
 
 
@@ -187,10 +185,6 @@ def _value_and_grad(run: Run, case: Case, backend: str):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
 
 
-def _nudge(tree):
-    return jax.tree_util.tree_map(lambda x: jnp.nextafter(x, jnp.asarray(jnp.inf, x.dtype)), tree)
-
-
 def check_case(run: Run, case: Case) -> dict:
     with jax.enable_x64(case.dtype == "float64"):
         y0, args = case.problem.make(case.B, jnp.dtype(case.dtype))
@@ -205,15 +199,14 @@ def check_case(run: Run, case: Case) -> dict:
                    grad_rel_err=rel_err(g_ours, g_ref),
                    equal_steps_fraction=float(np.mean(steps_ours == steps_ref)),
                    equal_result_codes=bool(np.array_equal(ours.result, ref.result)))
-        eps = float(jnp.finfo(case.dtype).eps)
         if case.dtype == "float64":
             tol_ys = tol_grad = FLOAT64_TOL
             ok = row["equal_steps_fraction"] == 1.0
         else:
-            tol_ys = tol_grad = FLOAT32_ULPS_PER_STEP * eps * max(row["steps_max"], 1)
+            tol_ys = tol_grad = rounding_tol(jnp.float32, row["steps_max"])
             ok = True
             if "rtol" in case.kw:  # the rounding envelope of the reference itself
-                (_, moved), g_moved = ref_fn(_nudge(y0), args)
+                (_, moved), g_moved = ref_fn(one_ulp_up(y0), args)
                 row["envelope_ys"], row["envelope_grad"] = rel_err(moved.ys, ref.ys), rel_err(g_moved, g_ref)
                 tol_ys += ENVELOPE_MULTIPLE * row["envelope_ys"]
                 tol_grad += ENVELOPE_MULTIPLE * row["envelope_grad"]
@@ -263,7 +256,7 @@ def target_seed(run: Run, name: str) -> None:
     else:  # seed-nl: its gradient against the jax backend on the same device, full length
         grad_err = rel_err(t.out, jax.jit(jax.grad(functools.partial(loss, "jax")))(y0))
         ys_err = None
-    tol = FLOAT32_ULPS_PER_STEP * float(jnp.finfo(jnp.float32).eps) * steps
+    tol = rounding_tol(jnp.float32, steps)
     correct = grad_err <= tol
     tape = tape_bytes(steps + 1, (y0,), 4, backend="pallas", adaptive=False)
     run.record(part="target", name=name, what=f"{steps} steps x {B} lanes, jit(grad)", ms=t.median_s * 1e3,
@@ -295,7 +288,7 @@ def target_lorenz_grad(run: Run) -> None:
     fn = jax.jit(jax.grad(lambda y, r: loss("pallas", y, r)[0], argnums=(0, 1)))
     t = _time(run, fn, y0, rho)
     grad_err = rel_err(t.out, jax.jit(jax.grad(lambda y, r: loss("jax", y, r)[0], argnums=(0, 1)))(y0, rho))
-    tol = FLOAT32_ULPS_PER_STEP * float(jnp.finfo(jnp.float32).eps) * steps
+    tol = rounding_tol(jnp.float32, steps)
     run.record(part="target", name="lorenz-grad", what=f"{B} lanes x {steps} fixed steps, float32, jit(grad)",
                ms=t.median_s * 1e3, limit_ms=8.0, compile_s=t.compile_s, grad_rel_err=grad_err, tol=tol,
                status=_verdict(run, t.median_s * 1e3, 8.0, grad_err <= tol))
@@ -310,7 +303,7 @@ def target_lorenz_forward(run: Run) -> None:
     head = lambda tree: jax.tree_util.tree_map(lambda x: x[:checked], tree)  # noqa: E731
     ref = jax.jit(lambda y, r: solve("jax", y, r).ys)(head(y0), rho[:checked])
     ys_err = rel_err(head(t.out), ref)
-    tol = FLOAT32_ULPS_PER_STEP * float(jnp.finfo(jnp.float32).eps) * steps
+    tol = rounding_tol(jnp.float32, steps)
     run.record(part="target", name="lorenz-forward", what=f"{B} lanes x {steps} fixed steps, float32, forward",
                ms=t.median_s * 1e3, limit_ms=40.0, compile_s=t.compile_s, ys_rel_err=ys_err,
                ys_checked_lanes=checked, tol=tol, status=_verdict(run, t.median_s * 1e3, 40.0, ys_err <= tol))

@@ -18,15 +18,11 @@ import pytest
 
 import fusedrk
 from fusedrk import _reference, kernels, problems
+from fusedrk._measure import rounding_tol
 
 GPU = jax.default_backend() == "gpu"
 B, T1 = (65536, 1.0) if GPU else (64, 0.02)
 STEPS = int(round(T1 / problems.LORENZ.dt0))
-
-
-def _rounding(steps: int) -> float:
-    """float32 rounding bound of the project's tests: 10 ulps per step (tests/conftest.py)."""
-    return 10 * float(jnp.finfo(jnp.float32).eps) * steps
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +54,7 @@ def test_forward_kernel(benchmark, setup, with_tape):
     _, _, _, y0, rho, reference = setup
     out = jax.block_until_ready(fn(y0, rho))
     for ours, ref in zip(out.ys, reference.ys):
-        np.testing.assert_allclose(ours, ref, rtol=0, atol=_rounding(STEPS) * float(np.max(np.abs(ref))))
+        np.testing.assert_allclose(ours, ref, rtol=0, atol=rounding_tol(jnp.float32, STEPS) * float(np.max(np.abs(ref))))
     benchmark(lambda: jax.block_until_ready(fn(y0, rho)))
 
 
@@ -70,5 +66,5 @@ def test_reverse_kernel(benchmark, setup):
     _, rho_bar = jax.block_until_ready(bwd(fwd, ys_bar))
     expected = jax.grad(lambda r: sum(jnp.sum(v) for v in fusedrk.solve(
         problems.LORENZ.field, y0, 0.0, T1, args=r, args_axes=0, dt0=problems.LORENZ.dt0, backend="jax").ys))(rho)
-    np.testing.assert_allclose(rho_bar[0], expected, rtol=0, atol=_rounding(2 * STEPS) * float(np.max(np.abs(expected))))
+    np.testing.assert_allclose(rho_bar[0], expected, rtol=0, atol=rounding_tol(jnp.float32, 2 * STEPS) * float(np.max(np.abs(expected))))
     benchmark(lambda: jax.block_until_ready(bwd(fwd, ys_bar)))

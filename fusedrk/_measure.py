@@ -14,6 +14,20 @@ import jax
 import numpy as np
 
 
+# The project's float32 rounding model, used by the tests and the GPU check: two Tsit5
+# implementations that differ only in rounding agree to 10 ulps per step (errors add at worst
+# linearly; a gradient sweeps the steps twice). With adaptive steps, where rounding can flip an
+# accept/reject decision, they agree to ENVELOPE_MULTIPLE times the change the reference shows
+# when its initial state moves by one ulp (``one_ulp_up``), plus that bound.
+ULPS_PER_STEP = 10
+ENVELOPE_MULTIPLE = 4
+
+
+def rounding_tol(dtype, num_steps: int) -> float:
+    """Relative tolerance of the rounding model: ULPS_PER_STEP ulps of ``dtype`` per step."""
+    return ULPS_PER_STEP * float(np.finfo(dtype).eps) * max(num_steps, 1)
+
+
 class Timing(NamedTuple):
     out: Any  # the first call's result
     compile_s: float  # first call: tracing, compilation and one run
@@ -53,3 +67,9 @@ def rel_err(actual, expected) -> float:
         return float("inf")
     scale = max(float(np.max(np.abs(b[finite]), initial=0.0)), 1e-300)
     return float(np.max(np.abs(a[finite] - b[finite]), initial=0.0)) / scale
+
+
+def one_ulp_up(tree):
+    """Every entry moved to the next representable number: a perturbation at rounding level,
+    to measure how far a result moves from rounding alone (its rounding envelope)."""
+    return jax.tree_util.tree_map(lambda x: jax.numpy.nextafter(x, jax.numpy.asarray(np.inf, x.dtype)), tree)

@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fusedrk._measure import ENVELOPE_MULTIPLE, rounding_tol  # noqa: F401 (tests import them from here)
+
 
 @pytest.fixture
 def x64():
@@ -36,8 +38,6 @@ def diffrax_solve(field, y0, t0, t1, *, args=None, args_axes=None, dt0=None, rto
 # float64 against diffrax: measured errors are ~3e-15 (values) and ~2e-14 (gradients), so a bar
 # of 1e-12 leaves room for longer solves while still catching a bug of size 1e-11.
 F64_TOL = 1e-12
-# float32 adaptive solves: allowed multiple of the reference's own one-ulp rounding envelope.
-ENVELOPE_MULTIPLE = 4
 
 
 def float_tol(dtype, num_steps: int) -> float:
@@ -48,21 +48,8 @@ def float_tol(dtype, num_steps: int) -> float:
     for stage-order differences. float64 solves are held to at least F64_TOL. A gradient sweeps
     the steps twice (forward and reverse): pass twice the step count.
     """
-    eps = float(jnp.finfo(dtype).eps)
-    bound = 10 * eps * max(num_steps, 1)
+    bound = rounding_tol(dtype, num_steps)
     return max(bound, F64_TOL) if dtype == jnp.float64 else bound
-
-
-def one_ulp_up(tree):
-    """Every entry moved to the next representable number: a perturbation at rounding level."""
-    return jax.tree_util.tree_map(lambda x: jnp.nextafter(x, jnp.asarray(jnp.inf, x.dtype)), tree)
-
-
-def max_rel_change(a, b) -> float:
-    """max |a - b| / max |b| over all leaves."""
-    num = max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
-    den = max(float(jnp.max(jnp.abs(y))) for y in jax.tree_util.tree_leaves(b))
-    return num / den
 
 
 def assert_tree_close(actual, expected, rtol, atol=None):
