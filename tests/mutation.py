@@ -85,7 +85,7 @@ MUTANTS = [
            "the first FSAL evaluation gets no cotangent"),
     # -- solve()
     Mutant("fusedrk/_solve.py", "    return int(np.ceil(span / np.nextafter(dt, np.inf)))", "    return int(np.ceil(span / dt))",
-           ORACLE + ("tests/test_replay.py",), "fixed-step count from concrete times one off at exact multiples"),
+           ("tests/test_errors.py",) + ORACLE, "fixed-step count from concrete times one off at exact multiples"),
     Mutant("fusedrk/_solve.py", "            if (c1 - c0) * cd < 0:", "            if (c1 - c0) * cd < -1:", ("tests/test_errors.py",),
            "a dt0 of the wrong sign is accepted"),
     # -- kernels
@@ -97,7 +97,7 @@ MUTANTS = [
            "a save's cotangent injected more than once"),
     Mutant("kernels/_problem.py", "        return jnp.pad(x, (0, extra), mode=\"edge\") if extra else x",
            "        return jnp.pad(x, (0, extra)) if extra else x", KERNELS,
-           "padded lanes start at zero (NaN-free, but shared cotangents see them)"),
+           "padded lanes start at zero: a field NaN there poisons shared cotangents"),
     # -- AllSaveAdjoint
     Mutant("fusedrk/_allsave.py", "            pullback = jax.tree_util.tree_unflatten(treedef, [b[n - 1 - i] for b in buffers])",
            "            pullback = jax.tree_util.tree_unflatten(treedef, [b[i] for b in buffers])", ALLSAVE,

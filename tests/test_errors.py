@@ -69,6 +69,15 @@ def test_tape_larger_than_memory_is_refused_before_running():
         jax.jit(jax.grad(loss)).lower(y0)
 
 
+def test_fixed_steps_with_concrete_times_size_the_tape_exactly(x64, monkeypatch):
+    # 2.1 / 0.3 is 7.000000000000001 in floating point, yet diffrax takes 7 steps: the tape
+    # holds those 7 rows plus one spare, read here from the message of a refused allocation.
+    monkeypatch.setattr(fusedrk._solve, "_device_memory_bytes", lambda: 1)
+    loss = lambda y0: jnp.sum(fusedrk.solve(f, y0, 0.0, 2.1, dt0=0.3).ys)  # noqa: E731
+    with pytest.raises(MemoryError, match=r"\(8 rows x 4 lanes\)"):
+        jax.grad(loss)(jnp.ones(4, jnp.float64))
+
+
 def _stiff_lanes(B=3):
     # Lane 0 is easy, the others need many steps.
     return jnp.asarray([0.1, 50.0, 80.0][:B])

@@ -143,6 +143,25 @@ def test_fields_with_nested_jit_run_in_the_kernels(x64, field, adaptive):
     assert_tree_close(g_ours, g_ref, rtol=1e-12)
 
 
+def test_padded_lanes_cannot_poison_shared_cotangents(x64):
+    # Gompertz growth, dy/dt = -c y log(y), is NaN at y = 0. B = 3 lanes run in a tile of 16:
+    # the 13 padded lanes must solve a real problem (a copy of the last lane), or their NaNs
+    # reach the per-tile sum of the shared argument's cotangent.
+    def gompertz(t, y, c):
+        return -c * y * jnp.log(y)
+
+    y0, c = jnp.asarray([0.2, 0.5, 1.5]), jnp.asarray(0.7)
+
+    def loss(backend, y0, c):
+        sol = fusedrk.solve(gompertz, y0, 0.0, 2.0, args=c, dt0=0.1, backend=backend, interpret=backend == "pallas")
+        return jnp.sum(sol.ys ** 2)
+
+    ours = jax.grad(functools.partial(loss, "pallas"), argnums=(0, 1))(y0, c)
+    ref = jax.grad(functools.partial(loss, "jax"), argnums=(0, 1))(y0, c)
+    assert np.all(np.isfinite(ours[1]))
+    assert_tree_close(ours, ref, rtol=1e-12)
+
+
 def test_unsupported_fields_name_the_jax_backend():
     p = problems.LINEAR
     y0, args = p.make(3, jnp.float32)
