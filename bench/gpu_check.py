@@ -47,6 +47,25 @@ import numpy as np  # noqa: E402
 FLOAT64_TOL = 1e-10
 
 
+class Sizes(NamedTuple):
+    """The workloads' sizes: the targets' at full size, tiny ones for --quick."""
+
+    seed_lanes: int
+    seed_t1: float  # dt0 = 0.1: 80,000 steps at full size
+    lorenz_lanes: int
+    lorenz_steps: int  # of dt0 = 0.001: t in [0, 1] at full size
+    forward_lanes: int
+    adaptive_lanes: int
+    adaptive_t1: float
+    copy_floats: int  # the device copy that tape traffic is compared with
+    diffrax_seed_steps: int  # diffrax runs this many seed steps, extrapolated to seed_t1
+    diffrax_forward_lanes: int  # and this many lanes of the big forward, extrapolated
+
+
+FULL = Sizes(2250, 8000.0, 65536, 1000, 8_388_608, 32768, 1.0, 2**28, 2000, 262144)
+QUICK = Sizes(256, 20.0, 256, 20, 1024, 64, 0.05, 2**20, 200, 1024)
+
+
 def _import_fusedrk():
     """fusedrk with its kernels; from the checkout when the project is not pip-installed."""
     import fusedrk
@@ -78,6 +97,7 @@ class Run:
 
     def __init__(self, opts):
         self.quick, self.interpret, self.budget_s = opts.quick, opts.interpret, opts.budget_s
+        self.size = QUICK if opts.quick else FULL
         self.start = time.perf_counter()
         self.out = opts.out
         os.makedirs(self.out, exist_ok=True)
@@ -138,6 +158,7 @@ def _seed_loss(t0, t1):
 
 
 def correctness_cases(quick: bool) -> list:
+    size = QUICK if quick else FULL
     D, V, L, S = problems.DECAY, problems.VDP, problems.LORENZ, problems.SEED
     ts = lambda a, b, n: np.linspace(a, b, n)  # noqa: E731
     cases = [
@@ -154,7 +175,7 @@ def correctness_cases(quick: bool) -> list:
         Case("f32-fixed-t1", D, 7, "float32", 0.0, 3.0, dict(dt0=0.1)),
         Case("f32-adaptive-ts", V, 129, "float32", 0.0, 3.0, dict(dt0=0.01, rtol=1e-5, atol=1e-5, ts=ts(0.0, 3.0, 7))),
         Case("f32-adaptive-t1", L, 7, "float32", 0.0, 0.5, dict(rtol=1e-5, atol=1e-5)),
-        Case("seed-80000-steps", S, 256 if quick else 2250, "float32", 0.0, 20.0 if quick else 8000.0,
+        Case("seed-80000-steps", S, size.seed_lanes, "float32", 0.0, size.seed_t1,
              dict(dt0=0.1)),
     ]
     if quick:
@@ -240,9 +261,9 @@ def _verdict(run: Run, measured, limit, correct: bool, higher_is_better=False):
 
 def target_seed(run: Run, name: str) -> None:
     p = problems.PROBLEMS[name]
-    t1 = 20.0 if run.quick else p.t1
+    t1 = run.size.seed_t1
     steps = int(round(t1 / p.dt0))
-    B = 256 if run.quick else 2250
+    B = run.size.seed_lanes
     limit = {"seed": 30.0, "seed-nl": 60.0}[name]
     y0, _ = p.make(B, jnp.float32)
     loss_of = _seed_loss(0.0, t1)
@@ -267,9 +288,9 @@ def target_seed(run: Run, name: str) -> None:
 def _lorenz(run: Run, B: int, dtype, *, adaptive: bool):
     p = problems.LORENZ
     y0, rho = p.make(B, dtype)
-    steps = 20 if run.quick else 1000  # of dt0 = 0.001: t in [0, 1] at full size
+    steps = run.size.lorenz_steps
     kw = dict(rtol=1e-8, atol=1e-8, dt0=None, max_steps=4096) if adaptive else dict(dt0=p.dt0, max_steps=steps + 1)
-    t1 = (0.05 if run.quick else 1.0) if adaptive else p.dt0 * steps
+    t1 = run.size.adaptive_t1 if adaptive else p.dt0 * steps
 
     def solve(backend, y, r):
         return run.solve(p.field, y, 0.0, t1, args=r, args_axes=0, backend=backend, **kw)
@@ -282,7 +303,7 @@ def _lorenz(run: Run, B: int, dtype, *, adaptive: bool):
 
 
 def target_lorenz_grad(run: Run) -> None:
-    B = 256 if run.quick else 65536
+    B = run.size.lorenz_lanes
     y0, rho, t1, kw, solve, loss = _lorenz(run, B, jnp.float32, adaptive=False)
     steps = kw["max_steps"] - 1
     fn = jax.jit(jax.grad(lambda y, r: loss("pallas", y, r)[0], argnums=(0, 1)))
@@ -295,7 +316,7 @@ def target_lorenz_grad(run: Run) -> None:
 
 
 def target_lorenz_forward(run: Run) -> None:
-    B = 1024 if run.quick else 8_388_608
+    B = run.size.forward_lanes
     checked = min(B, 65536)
     y0, rho, t1, kw, solve, _ = _lorenz(run, B, jnp.float32, adaptive=False)
     steps = kw["max_steps"] - 1
@@ -312,7 +333,7 @@ def target_lorenz_forward(run: Run) -> None:
 def target_tape_traffic(run: Run) -> None:
     """Tape write rate (tape bytes / (forward with tape - forward without)) against a
     device copy's rate (bytes read + written / time) measured in the same run."""
-    B = 256 if run.quick else 65536
+    B = run.size.lorenz_lanes
     y0, rho, t1, kw, solve, _ = _lorenz(run, B, jnp.float32, adaptive=False)
     steps = kw["max_steps"] - 1
 
@@ -322,7 +343,7 @@ def target_tape_traffic(run: Run) -> None:
     plain = _time(run, jax.jit(ys), rho)
     with_tape = _time(run, jax.jit(lambda r: jax.vjp(ys, r)), rho)
     same = rel_err(with_tape.out[0], plain.out)
-    n = 2**20 if run.quick else 2**28
+    n = run.size.copy_floats
     x = jnp.ones((n,), jnp.float32)
     copy = _time(run, jax.jit(lambda v: v + 1.0), x)
     copy_gbps = 2 * 4 * n / copy.median_s / 1e9
@@ -337,7 +358,7 @@ def target_tape_traffic(run: Run) -> None:
 
 
 def target_lorenz_adaptive_f64(run: Run) -> None:
-    B = 64 if run.quick else 32768
+    B = run.size.adaptive_lanes
     with jax.enable_x64(True):
         y0, rho, t1, kw, solve, loss = _lorenz(run, B, jnp.float64, adaptive=True)
         fn = jax.jit(jax.value_and_grad(lambda y, r: loss("pallas", y, r), argnums=(0, 1), has_aux=True))
@@ -357,66 +378,58 @@ def target_lorenz_adaptive_f64(run: Run) -> None:
 # --------------------------------------------------------------------------------- diffrax
 
 
-def _diffrax_row(run: Run, name: str, build: Callable, args, scale: float, adjoint: str) -> None:
-    t = _time(run, build(), *args, repeats=3)
+def _diffrax_row(run: Run, name: str, adjoint: str, build: Callable, *, x64: bool = False) -> None:
+    """Time ``build() -> (jitted fn, args, scale)``; scale extrapolates a shorter run."""
+    with jax.enable_x64(x64):
+        fn, args, scale = build()
+        t = _time(run, fn, *args, repeats=3)
     run.record(part="diffrax", name=name, adjoint=adjoint, ms=t.median_s * 1e3 * scale, measured_ms=t.median_s * 1e3,
                extrapolated=scale != 1.0, scale=scale, compile_s=t.compile_s, status="ok")
 
 
-def diffrax_rows(run: Run) -> None:
+def diffrax_parts(run: Run) -> list:
+    """diffrax's fastest adjoint on each target workload, one part each."""
     import diffrax
 
-    def solve_fn(field, t1, dt0, adjoint, *, controller=None, max_steps=None):
-        controller = controller or diffrax.ConstantStepSize()
-        max_steps = max_steps or int(round(t1 / dt0)) + 1
+    size, L = run.size, problems.LORENZ
 
+    def vmapped(field, t1, dt0, adjoint, controller=diffrax.ConstantStepSize(), max_steps=None, args_axis=0):
         def one(y, a):
             return diffrax.diffeqsolve(diffrax.ODETerm(field), diffrax.Tsit5(), 0.0, t1, dt0, y, a,
-                                       stepsize_controller=controller, adjoint=adjoint, max_steps=max_steps).ys
+                                       stepsize_controller=controller, adjoint=adjoint,
+                                       max_steps=max_steps or int(round(t1 / dt0)) + 1).ys
 
-        return one
+        return jax.vmap(one, in_axes=(0, args_axis))
 
-    parts = []
-    for name in ("seed", "seed-nl"):
+    def seed(name):
         p = problems.PROBLEMS[name]
-        steps = 200 if run.quick else 2000  # of 80,000: extrapolated per step
-        full = 200 if run.quick else 80000
-        y0, _ = p.make(256 if run.quick else 2250, jnp.float32)
-        fn = solve_fn(p.field, steps * p.dt0, p.dt0, diffrax.DirectAdjoint())
-        parts.append((name, lambda fn=fn: jax.jit(jax.grad(lambda y: jnp.sum(jax.vmap(fn, (0, None))(y, None)))),
-                      (y0,), full / steps, "DirectAdjoint"))
-    L = problems.LORENZ
-    B = 256 if run.quick else 65536
-    steps = 20 if run.quick else 1000
-    y0, rho = L.make(B, jnp.float32)
-    fn = solve_fn(L.field, L.dt0 * steps, L.dt0, diffrax.RecursiveCheckpointAdjoint())
-    parts.append(("lorenz-grad", lambda: jax.jit(jax.grad(lambda r: jnp.sum(jnp.stack(jax.vmap(fn)(y0, r))))),
-                  (rho,), 1.0, "RecursiveCheckpointAdjoint"))
-    forward_B = 1024 if run.quick else 262144
-    yf, rf = L.make(forward_B, jnp.float32)
-    parts.append(("lorenz-forward", lambda: jax.jit(jax.vmap(fn)), (yf, rf),
-                  (1024 if run.quick else 8_388_608) / forward_B, "forward"))
-    for name, build, args, scale, adjoint in parts:
-        if _out_of_time(run, f"diffrax {name}"):
-            return
-        try:
-            _diffrax_row(run, name, build, args, scale, adjoint)
-        except Exception:  # one failed row must not cost the others
-            _failed(run, f"diffrax {name}")
-    if _out_of_time(run, "diffrax lorenz-adaptive-f64"):
-        return
-    try:
-        with jax.enable_x64(True):
-            B = 64 if run.quick else 32768
-            y0, rho = L.make(B, jnp.float64)
-            t1 = 0.05 if run.quick else 1.0
-            fn = solve_fn(L.field, t1, None, diffrax.RecursiveCheckpointAdjoint(checkpoints=512),
-                          controller=diffrax.PIDController(rtol=1e-8, atol=1e-8), max_steps=512)
-            _diffrax_row(run, "lorenz-adaptive-f64",
-                         lambda: jax.jit(jax.grad(lambda r: jnp.sum(jnp.stack(jax.vmap(fn)(y0, r))))), (rho,), 1.0,
-                         "RecursiveCheckpointAdjoint(checkpoints=max_steps)")
-    except Exception:
-        _failed(run, "diffrax lorenz-adaptive-f64")
+        steps = size.diffrax_seed_steps
+        fn = vmapped(p.field, steps * p.dt0, p.dt0, diffrax.DirectAdjoint(), args_axis=None)
+        y0, _ = p.make(size.seed_lanes, jnp.float32)
+        return jax.jit(jax.grad(lambda y: jnp.sum(fn(y, None)))), (y0,), (size.seed_t1 / p.dt0) / steps
+
+    def lorenz_grad():
+        fn = vmapped(L.field, L.dt0 * size.lorenz_steps, L.dt0, diffrax.RecursiveCheckpointAdjoint())
+        y0, rho = L.make(size.lorenz_lanes, jnp.float32)
+        return jax.jit(jax.grad(lambda r: jnp.sum(jnp.stack(fn(y0, r))))), (rho,), 1.0
+
+    def lorenz_forward():
+        fn = vmapped(L.field, L.dt0 * size.lorenz_steps, L.dt0, diffrax.RecursiveCheckpointAdjoint())
+        return jax.jit(fn), L.make(size.diffrax_forward_lanes, jnp.float32), size.forward_lanes / size.diffrax_forward_lanes
+
+    def lorenz_adaptive():
+        fn = vmapped(L.field, size.adaptive_t1, None, diffrax.RecursiveCheckpointAdjoint(checkpoints=512),
+                     diffrax.PIDController(rtol=1e-8, atol=1e-8), max_steps=512)
+        y0, rho = L.make(size.adaptive_lanes, jnp.float64)
+        return jax.jit(jax.grad(lambda r: jnp.sum(jnp.stack(fn(y0, r))))), (rho,), 1.0
+
+    rows = [("seed", "DirectAdjoint", functools.partial(seed, "seed"), False),
+            ("seed-nl", "DirectAdjoint", functools.partial(seed, "seed-nl"), False),
+            ("lorenz-grad", "RecursiveCheckpointAdjoint", lorenz_grad, False),
+            ("lorenz-forward", "forward", lorenz_forward, False),
+            ("lorenz-adaptive-f64", "RecursiveCheckpointAdjoint(checkpoints=max_steps)", lorenz_adaptive, True)]
+    return [(f"diffrax {name}", functools.partial(_diffrax_row, run, name, adjoint, build, x64=x64))
+            for name, adjoint, build, x64 in rows]
 
 
 # ------------------------------------------------------------------------------- the run
@@ -441,9 +454,8 @@ def parts(run: Run) -> list:
             ("target lorenz-grad", functools.partial(target_lorenz_grad, run)),
             ("target lorenz-forward", functools.partial(target_lorenz_forward, run)),
             ("target tape-traffic", functools.partial(target_tape_traffic, run)),
-            ("target lorenz-adaptive-f64", functools.partial(target_lorenz_adaptive_f64, run)),
-            ("diffrax", functools.partial(diffrax_rows, run))]
-    return out
+            ("target lorenz-adaptive-f64", functools.partial(target_lorenz_adaptive_f64, run))]
+    return out + diffrax_parts(run)
 
 
 def versions() -> dict:
