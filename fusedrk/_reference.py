@@ -4,7 +4,9 @@ Owns: looping and memory movement for the pure-JAX path. The forward loop advanc
 by one attempted step per iteration (each lane its own t, h, accept/reject and finished flag,
 exactly what ``jax.vmap(diffrax.diffeqsolve)`` computes) and, when a gradient will be taken,
 writes the start state, k_1..k_6, the step's interval and an accepted flag of every iteration
-into preallocated tape arrays. The reverse loop walks those rows backwards once.
+into a ring of tape rows, with a checkpoint of the loop carry at the start of every segment
+(``_schedule.py``). The reverse loop walks the rows backwards, re-running an earlier segment
+from its checkpoint once when the ring did not hold the whole solve.
 
 Must not: contain step algebra (that is ``_step.py``), validate user input or know about
 pytrees of the user's state (that is ``_solve.py``). States here are tuples of [B, ...] leaves.
@@ -18,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _step
+from . import _schedule, _step
 from ._tableau import NUM_STAGES
 
 # Result codes, shared with the public RESULTS in _solve.py. 1 is diffrax's max_steps_reached.
@@ -35,7 +37,8 @@ class Config(NamedTuple):
 
     adaptive: bool
     save_ts: bool  # True: save at ts; False: save y(t1) only
-    rows: int  # loop bound and tape length: max_steps, or fewer for known fixed steps
+    rows: int  # loop bound: max_steps, or fewer for known fixed steps
+    tape_rows: int  # R: rows of the tape ring, iterations per checkpointed segment (_schedule)
 
 
 class Times(NamedTuple):
@@ -50,12 +53,19 @@ class Times(NamedTuple):
     atol: jax.Array
 
 
+# What a segment checkpoint holds: the part of the loop carry a step depends on.
+LOOP = ("tprev", "tnext", "y", "f", "result")
+
+
 class Tape(NamedTuple):
-    y: tuple  # leaves [rows, B, ...]: start state of each iteration
-    k: tuple  # leaves [rows, TAPE_STAGES, B, ...]
-    tprev: jax.Array  # [rows, B] adaptive, [rows] fixed steps (all lanes share times)
+    """A ring of R rows (row = iteration mod R) and one checkpoint per segment."""
+
+    y: tuple  # leaves [R, B, ...]: start state of each iteration
+    k: tuple  # leaves [R, TAPE_STAGES, B, ...]
+    tprev: jax.Array  # [R, B] adaptive, [R] fixed steps (all lanes share times)
     tnext: jax.Array
-    accepted: jax.Array  # [rows, B] bool: an accepted step of a still-running lane
+    accepted: jax.Array  # [R, B] bool: an accepted step of a still-running lane
+    checkpoints: dict  # LOOP keys, each leaf with a leading axis of segments
 
 
 class Forward(NamedTuple):
@@ -68,8 +78,66 @@ class Forward(NamedTuple):
     tape: Optional[Tape]
 
 
+class _Limits(NamedTuple):
+    """Loop-invariant scalars of a step, computed once per loop."""
+
+    t_end_floor: jax.Array
+    num_fixed_steps: Optional[jax.Array]
+
+
 def _batch(state: tuple) -> int:
     return state[0].shape[0]
+
+
+def _limits(config: Config, times: Times) -> _Limits:
+    fixed = None if config.adaptive else _step.constant_num_steps(times.t_start, times.t_end, times.dt0)
+    return _Limits(_step.end_clip_floor(times.t_end), fixed)
+
+
+def _running(c, t_end):
+    return (c["tprev"] < t_end) & (c["result"] == SUCCESSFUL)
+
+
+def _attempt(config: Config, field, times: Times, limits: _Limits, c, n) -> _step.Attempt:
+    """Iteration n's attempted step for every lane, from the carry entries named in LOOP."""
+    in_loop = n < config.rows  # True here; unknown to the compiler
+
+    def stage_field(t, y):
+        return _materialise(field(t, y), in_loop)
+
+    def attempt(loop):
+        return _step.attempt_step(
+            stage_field, adaptive=config.adaptive, active=_running(loop, times.t_end), tprev=loop["tprev"],
+            tnext=loop["tnext"], y=loop["y"], f=loop["f"], direction=times.direction, rtol=times.rtol,
+            atol=times.atol, t_start=times.t_start, t_end=times.t_end, t_end_floor=limits.t_end_floor,
+            num_fixed_steps=limits.num_fixed_steps, steps_done=n,
+        )
+
+    loop = {k: c[k] for k in LOOP}
+    if jax.default_backend() != "cpu":
+        return attempt(loop)
+    shapes = jax.eval_shape(attempt, loop)
+    return lax.cond(in_loop, attempt, lambda _: jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), loop)
+
+
+def _advance(c, step: _step.Attempt) -> dict:
+    """The LOOP entries after a step."""
+    return dict(tprev=step.tprev, tnext=step.tnext, y=step.y, f=step.f,
+                result=jnp.where(step.nonfinite, NONFINITE, c["result"]))
+
+
+def _write_row(tape: Tape, row, c, step: _step.Attempt) -> Tape:
+    """Store what the reverse sweep reads of one iteration in ring row ``row``."""
+    return tape._replace(
+        y=tuple(buf.at[row].set(leaf) for buf, leaf in zip(tape.y, c["y"])),
+        k=tuple(
+            buf.at[row].set(jnp.stack([k[i] for k in step.ks[:TAPE_STAGES]]))
+            for i, buf in enumerate(tape.k)
+        ),
+        tprev=tape.tprev.at[row].set(c["tprev"]),
+        tnext=tape.tnext.at[row].set(c["tnext"]),
+        accepted=tape.accepted.at[row].set(step.accept),
+    )
 
 
 def forward(config: Config, field, times: Times, y0: tuple, *, with_tape: bool) -> Forward:
@@ -81,30 +149,18 @@ def forward(config: Config, field, times: Times, y0: tuple, *, with_tape: bool) 
     # that depends on t evaluates that dependence once per stage rather than once per lane.
     t_start = _lane_times(config, times.t_start, B)
     t_end = times.t_end
-    t_end_floor = _step.end_clip_floor(t_end)
+    limits = _limits(config, times)
 
     # The field at the start point: the first step's FSAL stage (diffrax evaluates it in the
     # first step for every lane).
     f0 = field(t_start, y0)
     dt0 = _lane_times(config, times.dt0, B)
     tnext = jnp.minimum(t_start + dt0, t_end)
-    num_fixed_steps = None if config.adaptive else _step.constant_num_steps(times.t_start, t_end, times.dt0)
 
     ys = tuple(jnp.full((B, T) + y.shape[1:], jnp.inf, y.dtype) for y in y0)
     save_iter = jnp.full((B, T), -1, jnp.int32)
     zeros_b = jnp.zeros((B,), jnp.int32)
-    tape = None
-    if with_tape:
-        rows = config.rows
-        tape = Tape(
-            y=tuple(jnp.zeros((rows,) + y.shape, y.dtype) for y in y0),
-            k=tuple(jnp.zeros((rows, TAPE_STAGES) + y.shape, y.dtype) for y in y0),
-            tprev=jnp.zeros((rows,) + t_start.shape, tdtype),
-            tnext=jnp.zeros((rows,) + t_start.shape, tdtype),
-            accepted=jnp.zeros((rows, B), jnp.bool_),
-        )
     carry = dict(
-        n=jnp.int32(0),
         tprev=t_start,
         tnext=tnext,
         y=y0,
@@ -115,61 +171,53 @@ def forward(config: Config, field, times: Times, y0: tuple, *, with_tape: bool) 
         save_index=zeros_b,
         ys=ys,
         save_iter=save_iter,
-        tape=tape,
     )
+    if with_tape:
+        R = config.tape_rows
+        segments = _schedule.num_segments(config.rows, R)
+        carry["tape"] = Tape(
+            y=tuple(jnp.zeros((R,) + y.shape, y.dtype) for y in y0),
+            k=tuple(jnp.zeros((R, TAPE_STAGES) + y.shape, y.dtype) for y in y0),
+            tprev=jnp.zeros((R,) + t_start.shape, tdtype),
+            tnext=jnp.zeros((R,) + t_start.shape, tdtype),
+            accepted=jnp.zeros((R, B), jnp.bool_),
+            checkpoints=jax.tree_util.tree_map(
+                lambda x: jnp.zeros((segments,) + jnp.shape(x), x.dtype), {k: carry[k] for k in LOOP}
+            ),
+        )
 
-    def running(c):
-        return (c["tprev"] < t_end) & (c["result"] == SUCCESSFUL)
-
-    def cond(c):
+    def keep_going(c):
         if not config.adaptive:
             # Shared times: the loop ends when they reach t_end. Lanes that failed early are
             # masked until then; skipping the per-lane reduction keeps the loop lean.
-            return (c["n"] < config.rows) & (c["tprev"] < t_end)
-        return (c["n"] < config.rows) & jnp.any(running(c))
+            return c["tprev"] < t_end
+        return jnp.any(_running(c, t_end))
 
-    def body(c):
-        in_loop = c["n"] < config.rows  # True here; unknown to the compiler
-
-        def stage_field(t, y):
-            return _materialise(field(t, y), in_loop)
-
-        active = running(c)
-        tprev, tnext, y = c["tprev"], c["tnext"], c["y"]
-        step = _step.attempt_step(
-            stage_field, adaptive=config.adaptive, active=active, tprev=tprev, tnext=tnext, y=y,
-            f=c["f"], direction=times.direction, rtol=times.rtol, atol=times.atol,
-            t_start=times.t_start, t_end=t_end, t_end_floor=t_end_floor,
-            num_fixed_steps=num_fixed_steps, steps_done=c["n"],
-        )
-        ks, accept = step.ks, step.accept
+    def step(c, n, row):
+        attempt = _attempt(config, field, times, limits, c, n)
         out = dict(c)
-        out["n"] = c["n"] + 1
-        out["tprev"], out["tnext"], out["y"], out["f"] = step.tprev, step.tnext, step.y, step.f
-        out["num_accepted"] = c["num_accepted"] + accept
-        out["num_rejected"] = c["num_rejected"] + step.reject
-        out["result"] = jnp.where(step.nonfinite, NONFINITE, c["result"])
+        out.update(_advance(c, attempt))
+        out["num_accepted"] = c["num_accepted"] + attempt.accept
+        out["num_rejected"] = c["num_rejected"] + attempt.reject
         if config.save_ts:
             out["save_index"], out["ys"], out["save_iter"] = _save(
-                c, accept, tprev, tnext, y, ks, times.ts
+                c, n, attempt.accept, c["tprev"], c["tnext"], c["y"], attempt.ks, times.ts
             )
         if with_tape:
-            n = c["n"]
-            t = c["tape"]
-            out["tape"] = Tape(
-                y=tuple(buf.at[n].set(leaf) for buf, leaf in zip(t.y, y)),
-                k=tuple(
-                    buf.at[n].set(jnp.stack([k[i] for k in ks[:TAPE_STAGES]]))
-                    for i, buf in enumerate(t.k)
-                ),
-                tprev=t.tprev.at[n].set(tprev),
-                tnext=t.tnext.at[n].set(tnext),
-                accepted=t.accepted.at[n].set(accept),
-            )
+            out["tape"] = _write_row(c["tape"], row, c, attempt)
         return out
 
-    c = lax.while_loop(cond, body, carry)
-    result = jnp.where(running(c), MAX_STEPS_REACHED, c["result"])
+    def checkpoint(c, segment):
+        tape = c["tape"]
+        saved = jax.tree_util.tree_map(lambda buf, x: buf.at[segment].set(x), tape.checkpoints,
+                                       {k: c[k] for k in LOOP})
+        return {**c, "tape": tape._replace(checkpoints=saved)}
+
+    num_iters, c = _schedule.forward_loop(
+        carry, rows=config.rows, tape_rows=config.tape_rows, keep_going=keep_going, step=step,
+        checkpoint=checkpoint if with_tape else None,
+    )
+    result = jnp.where(_running(c, t_end), MAX_STEPS_REACHED, c["result"])
     if config.save_ts:
         # t0 == t1: the loop never runs and every save time equals t0 (diffrax
         # _save_if_t0_equals_t1).
@@ -183,8 +231,8 @@ def forward(config: Config, field, times: Times, y0: tuple, *, with_tape: bool) 
         num_rejected=c["num_rejected"],
         result=result,
         save_iter=c["save_iter"],
-        num_iters=c["n"],
-        tape=c["tape"],
+        num_iters=num_iters,
+        tape=c.get("tape"),
     )
 
 
@@ -207,7 +255,7 @@ def _lane_times(config: Config, t, B: int):
     return jnp.full((B,), t, t.dtype) if config.adaptive else t
 
 
-def _save(c, accept, tprev, tnext, y, ks, ts):
+def _save(c, n, accept, tprev, tnext, y, ks, ts):
     """Save every ts[j] not yet saved with ts[j] <= tnext, interpolated inside this step
     (diffrax _integrate.py ``save_ts_impl``); several saves may fall in one step."""
     B = accept.shape[0]
@@ -229,7 +277,7 @@ def _save(c, accept, tprev, tnext, y, ks, ts):
             buf.at[lanes, safe].set(jnp.where(_step.lane(mask, v), v, buf[lanes, safe]))
             for buf, v in zip(ys, values)
         )
-        save_iter = save_iter.at[lanes, safe].set(jnp.where(mask, c["n"], save_iter[lanes, safe]))
+        save_iter = save_iter.at[lanes, safe].set(jnp.where(mask, n, save_iter[lanes, safe]))
         return index + mask, ys, save_iter
 
     return lax.while_loop(
@@ -237,17 +285,18 @@ def _save(c, accept, tprev, tnext, y, ks, ts):
     )
 
 
-def backward(
-    config: Config, field_vjp, times: Times, y0: tuple, fwd: Forward, ys_bar: tuple, args_bar
-):
-    """One reverse sweep over the tape rows the forward used. Returns (y0_bar, args_bar).
+def backward(config: Config, field, field_vjp, times: Times, y0: tuple, fwd: Forward, ys_bar: tuple,
+             args_bar):
+    """The reverse sweep over every iteration the forward ran. Returns (y0_bar, args_bar).
 
+    Iterations are visited in ``_schedule.reverse_loop``'s order: the last segment from the
+    ring, each earlier one after re-running it from its checkpoint with ``field``.
     ``field_vjp(t [B], y, f_bar) -> (y_bar, args_bar)``; ``args_bar`` comes in as zeros shaped
     like the differentiable arguments and accumulates every stage's contribution.
     """
-    tape = fwd.tape
     B = _batch(y0)
     lanes = jnp.arange(B)
+    limits = _limits(config, times)
     zeros = tuple(jnp.zeros_like(y) for y in y0)
     if config.save_ts:
         y_bar = zeros
@@ -279,18 +328,29 @@ def backward(
             return init
         return lax.while_loop(lambda s: jnp.any(pending(s)), one, init)
 
-    def body(i, c):
-        y_bar, f_bar, args_bar, pointer = c
-        n = fwd.num_iters - 1 - i
+    def replay(c, segment, start, count):
+        tape = c[0]
+        loop = jax.tree_util.tree_map(lambda buf: buf[segment], tape.checkpoints)
+
+        def one(i, state):
+            loop, tape = state
+            attempt = _attempt(config, field, times, limits, loop, start + i)
+            return _advance(loop, attempt), _write_row(tape, i, loop, attempt)
+
+        _, tape = lax.fori_loop(jnp.int32(0), count, one, (loop, tape))
+        return (tape,) + c[1:]
+
+    def sweep(c, n, row):
+        tape, y_bar, f_bar, args_bar, pointer = c
         in_loop = n >= 0
 
         def stage_vjp(t, y, f_bar):
             return _materialise(field_vjp(t, y, f_bar), in_loop)
 
-        mask = tape.accepted[n]
-        tprev, tnext = tape.tprev[n], tape.tnext[n]
-        y_start = tuple(buf[n] for buf in tape.y)
-        ks = tuple(tuple(buf[n, s] for buf in tape.k) for s in range(TAPE_STAGES))
+        mask = tape.accepted[row]
+        tprev, tnext = tape.tprev[row], tape.tnext[row]
+        y_start = tuple(buf[row] for buf in tape.y)
+        ks = tuple(tuple(buf[row, s] for buf in tape.k) for s in range(TAPE_STAGES))
         pointer, y0_bar_saves, k_bars = inject_saves(n, tprev, tnext, pointer)
         control = times.direction * (tnext - tprev)
         y0_bar, f0_bar, step_args_bar = _step.tsit5_step_vjp(
@@ -299,10 +359,11 @@ def backward(
         y_bar = _step.lane_where(mask, y0_bar, y_bar)
         f_bar = _step.lane_where(mask, f0_bar, f_bar)
         args_bar = jax.tree_util.tree_map(jnp.add, args_bar, step_args_bar)
-        return y_bar, f_bar, args_bar, pointer
+        return tape, y_bar, f_bar, args_bar, pointer
 
-    y_bar, f_bar, args_bar, _ = lax.fori_loop(
-        0, fwd.num_iters, body, (y_bar, zeros, args_bar, pointer)
+    _, y_bar, f_bar, args_bar, _ = _schedule.reverse_loop(
+        fwd.num_iters, config.tape_rows, (fwd.tape, y_bar, zeros, args_bar, pointer),
+        replay=replay, sweep=sweep,
     )
     # The first step's FSAL stage: the field at the initial point.
     start_y_bar, start_args_bar = field_vjp(t_start, y0, f_bar)

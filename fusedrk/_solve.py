@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
-from . import _reference, _step
+from . import _reference, _schedule, _step
 from ._reference import TAPE_STAGES
 
 
@@ -42,7 +42,9 @@ class Solution(eqx.Module):
 
     ts: [T] save times (T = 1 for t1 only). ys: pytree like y0, each leaf [B, T, ...].
     stats: dict of int [B] arrays ``num_steps``, ``num_accepted_steps``,
-    ``num_rejected_steps``. result: int [B], codes in ``fusedrk.RESULTS``.
+    ``num_rejected_steps`` (diffrax's) and ``num_replayed_iterations``: loop iterations of the
+    lane's loop (the whole batch on backend "jax", its lane tile in the kernels) that a reverse
+    pass re-runs because the tape ring holds fewer (0 when the solve fits ``tape_rows``). result: int [B], codes in ``fusedrk.RESULTS``.
     """
 
     ts: jax.Array
@@ -93,6 +95,7 @@ def solve(
     atol=None,
     ts=None,
     max_steps: int = 4096,
+    tape_rows: Optional[int] = None,
     throw: bool = True,
     backend: str = "auto",
     interpret: bool = False,
@@ -106,12 +109,22 @@ def solve(
     defaults, and ``dt0=None`` picks the first step as diffrax does. ``ts``: shared save times
     (dense output); None saves y(t1) only. ``t1 < t0`` integrates backwards (``dt0 < 0``).
     Differentiable (reverse mode) with respect to ``y0`` and every float leaf of ``args``.
+
+    ``tape_rows``: iterations the gradient tape holds (a ring). A reverse pass over a solve
+    that ran more iterations re-runs each earlier segment of ``tape_rows`` iterations once from
+    a checkpoint; ``Solution.stats["num_replayed_iterations"]`` says how many (0: no replay).
+    None chooses: every iteration for fixed steps with concrete times, otherwise as many rows
+    as fit the backend's memory budget (at most ``max_steps``).
     See ../shared/DESIGN.md for the full contract.
     """
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if not isinstance(max_steps, (int, np.integer)) or isinstance(max_steps, bool) or max_steps < 1:
         raise ValueError(f"max_steps must be a positive int, got {max_steps!r}")
+    if tape_rows is not None and (
+        not isinstance(tape_rows, (int, np.integer)) or isinstance(tape_rows, bool) or tape_rows < 1
+    ):
+        raise ValueError(f"tape_rows must be a positive int (or None to choose), got {tape_rows!r}")
     if (rtol is None) != (atol is None):
         raise ValueError(
             "rtol and atol must be given together (adaptive steps) or both left None (fixed "
@@ -153,19 +166,21 @@ def solve(
     _check_field_output(vector_field, y_treedef, y_flat, layout, diff_args, nondiff_args, tdtype)
 
     rows = max_steps
-    if not adaptive:
-        num_steps = _concrete_num_fixed_steps(known["t0"], known["t1"], known["dt0"])
-        if num_steps is not None:
-            # One spare row guards against a rounding disagreement with the device.
-            rows = max(1, min(max_steps, num_steps + 1))
-    config = _reference.Config(adaptive=adaptive, save_ts=ts is not None, rows=rows)
+    num_steps = None if adaptive else _concrete_num_fixed_steps(known["t0"], known["t1"], known["dt0"])
+    if num_steps is not None:
+        # One spare row guards against a rounding disagreement with the device.
+        rows = max(1, min(max_steps, num_steps + 1))
     lane_fn = _lane_function(vector_field, y_treedef, layout)
     backend = _choose_backend(backend, lane_fn, layout, y_flat, diff_args, nondiff_args, tdtype)
     _check_pallas_device(backend, interpret)
+    row_bytes = tape_bytes(1, y_flat, np.dtype(tdtype).itemsize, backend=backend, adaptive=adaptive)
+    R = _schedule.choose_tape_rows(tape_rows, rows=rows, known_fixed=num_steps is not None,
+                                   row_bytes=row_bytes, budget_bytes=tape_budget_bytes(backend))
+    config = _reference.Config(adaptive=adaptive, save_ts=ts is not None, rows=rows, tape_rows=R)
     core = _make_core(lane_fn, layout, config, choose_dt0=dt0 is None, backend=backend, interpret=interpret)
 
     zero_t = jnp.zeros((), tdtype)
-    ys_flat, num_accepted, num_rejected, result = core(
+    ys_flat, num_accepted, num_rejected, result, num_replayed = core(
         y_flat,
         diff_args,
         nondiff_args,
@@ -191,6 +206,7 @@ def solve(
         "num_steps": num_accepted + num_rejected,
         "num_accepted_steps": num_accepted,
         "num_rejected_steps": num_rejected,
+        "num_replayed_iterations": num_replayed,
     }
     return Solution(
         ts=t1[None] if ts is None else ts,
@@ -393,25 +409,69 @@ def _device_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def tape_bytes(rows: int, y_flat: tuple, time_itemsize: int, *, backend: str, adaptive: bool) -> int:
-    """Bytes of the gradient tape ``backend`` stores: per row and lane, the start state and
-    k_1..k_6, the step's two times and an accepted flag.
+def tape_bytes(rows: int, y_flat: tuple, time_itemsize: int, *, backend: str, adaptive: bool,
+               segments: int = 0) -> int:
+    """Bytes of the gradient tape ``backend`` stores for ``rows`` ring rows and ``segments``
+    checkpoints.
 
-    The kernels store whole lane tiles (B padded up to a multiple of the tile), both times for
-    every lane and an int32 flag. The jax backend stores B lanes and a bool flag; with fixed
-    steps all lanes share their times, so it keeps one pair per row.
+    A row holds, per lane, the start state and k_1..k_6, the step's two times and an accepted
+    flag; a checkpoint the state, the FSAL derivative, two times and a result code. The kernels
+    store whole lane tiles (B padded up to a multiple of the tile), times for every lane and
+    int32 flags. The jax backend stores B lanes and a bool flag; with fixed steps all lanes
+    share their times, so it keeps one pair per row or checkpoint.
     """
     B = y_flat[0].shape[0]
-    per_lane = (1 + TAPE_STAGES) * sum(int(np.prod(y.shape[1:])) * y.dtype.itemsize for y in y_flat)
+    state = sum(int(np.prod(y.shape[1:])) * y.dtype.itemsize for y in y_flat)
+    per_lane = (1 + TAPE_STAGES) * state
     if backend == "pallas":
         from fusedrk.kernels import _triton
 
-        return rows * _triton.padded_batch(B) * (per_lane + 2 * time_itemsize + 4)
-    times = 2 * time_itemsize * (B if adaptive else 1)
-    return rows * (B * (per_lane + 1) + times)
+        lanes = _triton.padded_batch(B)
+        row = lanes * (per_lane + 2 * time_itemsize + 4)
+        checkpoint = lanes * (2 * state + 2 * time_itemsize + 4)
+    else:
+        times = 2 * time_itemsize * (B if adaptive else 1)
+        row = B * (per_lane + 1) + times
+        checkpoint = B * (2 * state + 4) + times
+    return rows * row + segments * checkpoint
+
+
+# The automatic ring's memory budget per backend (``tape_rows=None``), chosen by measurement:
+# see README "Gradients: the tape". The kernels' tape is a Pallas output, which XLA does not
+# initialise, so unused rows cost memory only: up to a quarter of the device's memory. The jax
+# backend's ring is a while-loop carry that XLA fills with zeros before the loop, so every row
+# costs time whether used or not: on a CPU, 64 MiB, and a GPU (~20x the memory bandwidth) 1 GiB.
+PALLAS_TAPE_FRACTION = 0.25
+JAX_TAPE_BYTES = {"cpu": 64 * 2**20, "gpu": 2**30}
+
+
+def tape_budget_bytes(backend: str) -> int:
+    """Memory the automatic rule lets the tape ring of ``backend`` take on the default device."""
+    if backend == "pallas":
+        return int(PALLAS_TAPE_FRACTION * _device_memory_bytes())
+    return min(JAX_TAPE_BYTES.get(jax.default_backend(), JAX_TAPE_BYTES["gpu"]), _device_memory_bytes() // 4)
 
 
 # ----------------------------------------------------------------------------- custom_vjp
+
+
+def _check_tape_fits(config, y0: tuple, time_itemsize: int, backend: str) -> None:
+    """MemoryError, with the sizes and what to change, when the tape cannot fit the device."""
+    segments = _schedule.num_segments(config.rows, config.tape_rows)
+    kw = dict(backend=backend, adaptive=config.adaptive)
+    ring = tape_bytes(config.tape_rows, y0, time_itemsize, **kw)
+    checkpoints = tape_bytes(0, y0, time_itemsize, segments=segments, **kw)
+    available = _device_memory_bytes()
+    if ring + checkpoints <= available:
+        return
+    gib = 2**30
+    raise MemoryError(
+        f"fusedrk.solve: the gradient tape needs {(ring + checkpoints) / gib:.2f} GiB "
+        f"({config.tape_rows} rows x {y0[0].shape[0]} lanes: {ring / gib:.2f} GiB; {segments} "
+        f"segment checkpoints for max_steps={config.rows}: {checkpoints / gib:.2f} GiB) but the "
+        f"device has {available / gib:.2f} GiB; lower tape_rows (a smaller ring), raise it (fewer "
+        "checkpoints), lower max_steps, or split the batch"
+    )
 
 
 def _instantiate(ct, like):
@@ -499,7 +559,14 @@ def _make_core(lane_fn, layout: _ArgsLayout, config, *, choose_dt0: bool, backen
         return _reference.forward(config, field, times, tuple(y0), with_tape=with_tape)
 
     def outputs(fwd):
-        return fwd.ys, fwd.num_accepted, fwd.num_rejected, fwd.result
+        B = fwd.result.shape[0]
+        if backend == "pallas":  # iterations run per lane tile
+            tile = fwd.save_iter.shape[1] // fwd.iterations.shape[0]
+            iters = jnp.repeat(fwd.iterations, tile)[:B]
+        else:  # one loop for the whole batch
+            iters = jnp.broadcast_to(fwd.num_iters, (B,))
+        replayed = _schedule.replayed_iterations(iters, config.tape_rows).astype(jnp.int32)
+        return fwd.ys, fwd.num_accepted, fwd.num_rejected, fwd.result, replayed
 
     @jax.custom_vjp
     def core(y0, diff, nondiff, t0, t1, dt0, ts, rtol, atol):
@@ -518,15 +585,7 @@ def _make_core(lane_fn, layout: _ArgsLayout, config, *, choose_dt0: bool, backen
             is_leaf=lambda p: isinstance(p, CustomVJPPrimal),
         )
         y0_value = tuple(values[0])
-        needed = tape_bytes(config.rows, y0_value, values[3].dtype.itemsize, backend=backend,
-                            adaptive=config.adaptive)
-        available = _device_memory_bytes()
-        if needed > available:
-            raise MemoryError(
-                f"fusedrk.solve: the gradient tape needs {needed / 2**30:.2f} GiB "
-                f"({config.rows} rows x {y0_value[0].shape[0]} lanes) but the device has "
-                f"{available / 2**30:.2f} GiB; lower max_steps or split the batch"
-            )
+        _check_tape_fits(config, y0_value, values[3].dtype.itemsize, backend)
         fwd = run(*values, with_tape=True)
         return outputs(fwd), (values, fwd)
 
@@ -546,7 +605,9 @@ def _make_core(lane_fn, layout: _ArgsLayout, config, *, choose_dt0: bool, backen
             return pullback(f_bar)
 
         args_zero = [jnp.zeros_like(x) for x in diff]
-        y_bar, args_bar = _reference.backward(config, field_vjp, times, tuple(y0), fwd, ys_bar, args_zero)
+        field = lambda t, y: batched(t, y, diff, nondiff)  # noqa: E731
+        y_bar, args_bar = _reference.backward(config, field, field_vjp, times, tuple(y0), fwd, ys_bar,
+                                              args_zero)
         nondiff_bar = [None] * len(nondiff)
         return (tuple(y_bar), args_bar, nondiff_bar, None, None, None, None, None, None)
 
