@@ -34,7 +34,7 @@ def setup():
         return tuple(jnp.broadcast_to(o, y[0].shape) for o in p.field(t, y, diff[0]))
 
     problem = kernels.TileProblem(lane_fn, (0,), ())
-    config = _reference.Config(adaptive=False, save_ts=False, rows=STEPS + 1)
+    config = _reference.Config(adaptive=False, save_ts=False, rows=STEPS + 1, tape_rows=STEPS + 1)
     times = _reference.Times(direction=jnp.asarray(1), t_start=jnp.asarray(0.0), t_end=jnp.asarray(T1),
                              dt0=jnp.asarray(p.dt0), ts=jnp.zeros((1,)), rtol=jnp.asarray(0.0),
                              atol=jnp.asarray(0.0))

@@ -20,6 +20,7 @@ inside a Pallas kernel.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax.numpy as jnp
@@ -105,18 +106,33 @@ def reverse_loop(num_iters, tape_rows: int, carry, *, replay: Callable, sweep: C
     return lax.fori_loop(jnp.int32(0), last + 1, segment, carry)
 
 
-def choose_tape_rows(tape_rows, *, rows: int, known_fixed: bool, row_bytes: int, budget_bytes: int) -> int:
+def choose_tape_rows(tape_rows, *, rows: int, known_fixed: bool, row_bytes: int, checkpoint_bytes: int,
+                     budget_bytes: int) -> int:
     """R for a solve whose loop runs at most ``rows`` iterations.
 
     An explicit ``tape_rows`` is capped at ``rows`` (more rows could never be written). With
     fixed steps and concrete times ``rows`` is the exact iteration count: keep every one (zero
-    replay). Otherwise: the most rows whose tape fits ``budget_bytes``, at least
-    ``MIN_AUTO_ROWS``, at most ``rows``.
+    replay). Otherwise the largest R whose tape (R rows plus ceil(rows / R) checkpoints) fits
+    ``budget_bytes``; when none does, the R with the smallest tape (about sqrt(rows x
+    checkpoint / row)). Never below ``MIN_AUTO_ROWS`` (unless ``rows`` is), never above ``rows``.
     """
     if tape_rows is not None:
         return min(int(tape_rows), rows)
     if known_fixed:
         return rows
-    fit = budget_bytes // max(row_bytes, 1)
-    return int(min(rows, max(fit, MIN_AUTO_ROWS)))
 
+    def total(R):
+        return R * row_bytes + num_segments(rows, R) * checkpoint_bytes
+
+    smallest = max(1, min(rows, round(math.sqrt(rows * checkpoint_bytes / max(row_bytes, 1)))))
+    best = smallest
+    if total(smallest) <= budget_bytes:
+        lo, hi = smallest, rows  # total grows with R above the smallest tape: bisect
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if total(mid) <= budget_bytes:
+                lo = mid
+            else:
+                hi = mid - 1
+        best = lo
+    return min(rows, max(best, MIN_AUTO_ROWS))

@@ -173,9 +173,13 @@ def solve(
     lane_fn = _lane_function(vector_field, y_treedef, layout)
     backend = _choose_backend(backend, lane_fn, layout, y_flat, diff_args, nondiff_args, tdtype)
     _check_pallas_device(backend, interpret)
-    row_bytes = tape_bytes(1, y_flat, np.dtype(tdtype).itemsize, backend=backend, adaptive=adaptive)
-    R = _schedule.choose_tape_rows(tape_rows, rows=rows, known_fixed=num_steps is not None,
-                                   row_bytes=row_bytes, budget_bytes=tape_budget_bytes(backend))
+    sizes = dict(backend=backend, adaptive=adaptive)
+    R = _schedule.choose_tape_rows(
+        tape_rows, rows=rows, known_fixed=num_steps is not None,
+        row_bytes=tape_bytes(1, y_flat, np.dtype(tdtype).itemsize, **sizes),
+        checkpoint_bytes=tape_bytes(0, y_flat, np.dtype(tdtype).itemsize, segments=1, **sizes),
+        budget_bytes=tape_budget_bytes(backend),
+    )
     config = _reference.Config(adaptive=adaptive, save_ts=ts is not None, rows=rows, tape_rows=R)
     core = _make_core(lane_fn, layout, config, choose_dt0=dt0 is None, backend=backend, interpret=interpret)
 
@@ -464,14 +468,20 @@ def _check_tape_fits(config, y0: tuple, time_itemsize: int, backend: str) -> Non
     available = _device_memory_bytes()
     if ring + checkpoints <= available:
         return
-    gib = 2**30
     raise MemoryError(
-        f"fusedrk.solve: the gradient tape needs {(ring + checkpoints) / gib:.2f} GiB "
-        f"({config.tape_rows} rows x {y0[0].shape[0]} lanes: {ring / gib:.2f} GiB; {segments} "
-        f"segment checkpoints for max_steps={config.rows}: {checkpoints / gib:.2f} GiB) but the "
-        f"device has {available / gib:.2f} GiB; lower tape_rows (a smaller ring), raise it (fewer "
-        "checkpoints), lower max_steps, or split the batch"
+        f"fusedrk.solve: the gradient tape needs {_size(ring + checkpoints)} ({config.tape_rows} rows "
+        f"x {y0[0].shape[0]} lanes: {_size(ring)}; {segments} segment checkpoints for up to "
+        f"{config.rows} iterations: {_size(checkpoints)}) but the device has {_size(available)}; "
+        "lower tape_rows (a smaller ring), raise it (fewer checkpoints), lower max_steps, or split "
+        "the batch"
     )
+
+
+def _size(num_bytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.2f} {unit}"
+    return f"{num_bytes} B"
 
 
 def _instantiate(ct, like):

@@ -70,8 +70,12 @@ def program_index():
     return pl.program_id(0)
 
 
-def call(kernel, inputs, out_shape, config: LaunchConfig, *, num_tiles: int, interpret: bool, name: str):
-    """Launch ``kernel`` over ``num_tiles`` lane tiles; every ref lives whole in HBM."""
+def call(kernel, inputs, out_shape, config: LaunchConfig, *, num_tiles: int, interpret: bool, name: str,
+         aliases: Optional[dict] = None):
+    """Launch ``kernel`` over ``num_tiles`` lane tiles; every ref lives whole in HBM.
+
+    ``aliases`` maps input positions to output positions that share the input's buffer (the
+    kernel then reads and writes it through the output ref)."""
     hbm = pl.BlockSpec(memory_space=pl.ANY)
     return pl.pallas_call(
         kernel,
@@ -80,6 +84,7 @@ def call(kernel, inputs, out_shape, config: LaunchConfig, *, num_tiles: int, int
         out_specs=[hbm] * len(out_shape),
         out_shape=out_shape,
         interpret=interpret,
+        input_output_aliases=aliases or {},
         compiler_params=pl_triton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         name=name,
     )(*inputs)
@@ -93,6 +98,14 @@ def count_if(condition: jax.Array, count: int) -> jax.Array:
     ("'scf.for' op failed to verify that all of {lowerBound, upperBound, step} have same type").
     """
     return jnp.where(condition, jnp.int32(count), jnp.int32(0))
+
+
+def barrier(interpret: bool) -> None:
+    """Make every global-memory write of this program visible to all its threads (a CTA
+    barrier). A lane's row may be written by one thread and read by another when a tile's
+    layout replicates lanes across threads. Interpret mode runs sequentially: nothing to do."""
+    if not interpret:
+        pl_triton.debug_barrier()
 
 
 def any_lane(mask: jax.Array) -> jax.Array:

@@ -3,8 +3,10 @@
 Owns: looping and memory movement of the forward pass on a GPU. Each program loads its tile of
 lanes, runs ``fusedrk._step.attempt_step`` until every lane of the tile is done (or the row
 limit is reached), writes saved outputs row by row, and, when a gradient will be taken, writes
-every iteration's start state, k_1..k_6, interval and accepted flag to a tape in HBM at
-``tape[n, s, tile]``. Without a gradient it allocates and writes no tape.
+every iteration's start state, k_1..k_6, interval and accepted flag to a ring of tape rows in
+HBM at ``ring[n mod R, s, tile]``, with a checkpoint of the loop carry at the start of every
+segment of R iterations (the schedule is ``fusedrk._schedule``). Without a gradient it
+allocates and writes no tape.
 
 Must not: contain step algebra (``fusedrk/_step.py``) or anything Triton-specific beyond the
 loads and stores (``_triton.py``).
@@ -18,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fusedrk import _step
+from fusedrk import _schedule, _step
 from fusedrk._reference import MAX_STEPS_REACHED, NONFINITE, SUCCESSFUL, TAPE_STAGES, Config, Times
 
 from . import _triton
@@ -29,9 +31,22 @@ NEVER_SAVED = 2**31 - 1
 
 
 class KernelTape(NamedTuple):
-    states: jax.Array  # [rows, (1 + TAPE_STAGES) * L, Bp]: start state then k_1..k_6, per leaf
-    times: jax.Array  # [rows, 2, Bp]: tprev, tnext
-    accepted: jax.Array  # [rows, Bp] int32
+    """A ring of R rows (row = iteration mod R) and one checkpoint per segment (``_schedule``)."""
+
+    states: jax.Array  # [R, (1 + TAPE_STAGES) * L, Bp]: start state then k_1..k_6, per leaf
+    times: jax.Array  # [R, 2, Bp]: tprev, tnext
+    accepted: jax.Array  # [R, Bp] int32
+    checkpoint_states: jax.Array  # [segments, 2 * L, Bp]: state then FSAL derivative, per leaf
+    checkpoint_times: jax.Array  # [segments, 2, Bp]: tprev, tnext
+    checkpoint_result: jax.Array  # [segments, Bp] int32
+
+    @property
+    def ring(self):
+        return self.states, self.times, self.accepted
+
+    @property
+    def checkpoints(self):
+        return self.checkpoint_states, self.checkpoint_times, self.checkpoint_result
 
 
 class KernelForward(NamedTuple):
@@ -44,14 +59,31 @@ class KernelForward(NamedTuple):
     tape: Optional[KernelTape]
 
 
-def time_scalars(times: Times, config: Config, state_dtype):
-    """Scalars every kernel program needs, as 0-d arrays (Triton takes no captured constants)."""
+class Scalars(NamedTuple):
+    """Scalars every kernel program needs, passed as 0-d arrays (Triton takes no captured
+    constants) and read as values inside the kernel."""
+
+    t_start: jax.Array
+    t_end: jax.Array
+    t_end_floor: jax.Array
+    dt0: jax.Array
+    direction: jax.Array
+    rtol: jax.Array
+    atol: jax.Array
+    num_fixed: jax.Array
+
+    @classmethod
+    def read(cls, refs):
+        return cls(*(r[...] for r in refs))
+
+
+def time_scalars(times: Times, config: Config, state_dtype) -> Scalars:
     tdtype = times.t_start.dtype
     num_fixed = (
         jnp.zeros((), jnp.int32) if config.adaptive
         else _step.constant_num_steps(times.t_start, times.t_end, times.dt0)
     )
-    return (
+    return Scalars(
         times.t_start,
         times.t_end,
         _step.end_clip_floor(times.t_end),
@@ -63,6 +95,50 @@ def time_scalars(times: Times, config: Config, state_dtype):
     )
 
 
+def running(k: Scalars, tprev, result):
+    """Lanes still integrating: before the end and not failed."""
+    return (tprev < k.t_end) & (result == SUCCESSFUL)
+
+
+def attempt(config: Config, field, k: Scalars, n, tprev, tnext, y, f, result) -> _step.Attempt:
+    """Iteration n's attempted step for a tile; the forward loop and the reverse kernel's
+    replay of a segment call exactly this."""
+    return _step.attempt_step(
+        field, adaptive=config.adaptive, active=running(k, tprev, result), tprev=tprev, tnext=tnext,
+        y=y, f=f, direction=k.direction, rtol=k.rtol, atol=k.atol, t_start=k.t_start, t_end=k.t_end,
+        t_end_floor=k.t_end_floor, num_fixed_steps=k.num_fixed, steps_done=n,
+    )
+
+
+def write_row(ring_refs, row, lanes, tprev, tnext, y, step: _step.Attempt) -> None:
+    """Store what the reverse sweep reads of one iteration in ring row ``row``."""
+    states_ref, times_ref, accepted_ref = ring_refs
+    L = len(y)
+    for s, state in enumerate((y,) + step.ks[:TAPE_STAGES]):
+        for leaf_index, leaf in enumerate(state):
+            states_ref[row, jnp.int32(s * L + leaf_index), lanes] = leaf
+    times_ref[row, jnp.int32(0), lanes] = tprev
+    times_ref[row, jnp.int32(1), lanes] = tnext
+    accepted_ref[row, lanes] = step.accept.astype(jnp.int32)
+
+
+def write_checkpoint(refs, segment, lanes, tprev, tnext, y, f, result) -> None:
+    states_ref, times_ref, result_ref = refs
+    for index, leaf in enumerate(y + f):
+        states_ref[segment, jnp.int32(index), lanes] = leaf
+    times_ref[segment, jnp.int32(0), lanes] = tprev
+    times_ref[segment, jnp.int32(1), lanes] = tnext
+    result_ref[segment, lanes] = result
+
+
+def read_checkpoint(refs, segment, lanes, L):
+    """(tprev, tnext, y, f, result) stored at the start of ``segment``."""
+    states_ref, times_ref, result_ref = refs
+    leaves = tuple(states_ref[segment, jnp.int32(index), lanes] for index in range(2 * L))
+    return (times_ref[segment, jnp.int32(0), lanes], times_ref[segment, jnp.int32(1), lanes],
+            leaves[:L], leaves[L:], result_ref[segment, lanes])
+
+
 def forward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff: list, nondiff: list,
             *, with_tape: bool, interpret: bool) -> KernelForward:
     B = y0[0].shape[0]
@@ -72,7 +148,8 @@ def forward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff:
     num_tiles = Bp // TB
     L = len(y0)
     T = times.ts.shape[0]
-    rows = config.rows
+    R = config.tape_rows
+    segments = _schedule.num_segments(config.rows, R)
     dtype = y0[0].dtype
     tdtype = times.t_start.dtype
     y0p, diffp, nondiffp = pad_lanes(problem, Bp, y0, diff, nondiff)
@@ -84,9 +161,12 @@ def forward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff:
     out_shape += [jax.ShapeDtypeStruct((num_tiles,), jnp.int32)]  # iterations per tile
     if with_tape:
         out_shape += [
-            jax.ShapeDtypeStruct((rows, (1 + TAPE_STAGES) * L, Bp), dtype),
-            jax.ShapeDtypeStruct((rows, 2, Bp), tdtype),
-            jax.ShapeDtypeStruct((rows, Bp), jnp.int32),
+            jax.ShapeDtypeStruct((R, (1 + TAPE_STAGES) * L, Bp), dtype),
+            jax.ShapeDtypeStruct((R, 2, Bp), tdtype),
+            jax.ShapeDtypeStruct((R, Bp), jnp.int32),
+            jax.ShapeDtypeStruct((segments, 2 * L, Bp), dtype),
+            jax.ShapeDtypeStruct((segments, 2, Bp), tdtype),
+            jax.ShapeDtypeStruct((segments, Bp), jnp.int32),
         ]
 
     def kernel(*refs):
@@ -94,12 +174,10 @@ def forward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff:
         y_refs, rest = ins[:L], ins[L:]
         diff_refs, rest = rest[: len(diff)], rest[len(diff):]
         nondiff_refs, rest = rest[: len(nondiff)], rest[len(nondiff):]
-        ts_ref, t_start, t_end, t_end_floor, dt0, direction, rtol, atol, num_fixed = (
-            rest[0], *(r[...] for r in rest[1:])
-        )
+        ts_ref, k = rest[0], Scalars.read(rest[1:])
         ys_refs, save_iter_ref = outs[:L], outs[L]
         acc_ref, rej_ref, result_ref, iters_ref = outs[L + 1: L + 5]
-        tape_refs = outs[L + 5:] if with_tape else None
+        ring_refs, checkpoint_refs = outs[L + 5: L + 8], outs[L + 8:]
 
         lanes = _triton.lane_slice(launch)
         y = tuple(r[lanes] for r in y_refs)
@@ -107,7 +185,7 @@ def forward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff:
         n_args = problem.load_args(nondiff_refs, problem.nondiff_axes, lanes)
 
         def field(t, state):  # internal (increasing) time in, the user's time to the field
-            return problem.field(direction * t, state, d_args, n_args)
+            return problem.field(k.direction * t, state, d_args, n_args)
 
         def init_row(j, _):
             for r in ys_refs:
@@ -116,46 +194,39 @@ def forward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff:
             return _
 
         lax.fori_loop(0, T, init_row, 0)
-        tprev = jnp.full((TB,), t_start, tdtype)
-        tnext = jnp.minimum(tprev + dt0, t_end)
+        tprev = jnp.full((TB,), k.t_start, tdtype)
+        tnext = jnp.minimum(tprev + k.dt0, k.t_end)
         zeros_i = jnp.zeros((TB,), jnp.int32)
-        carry = (jnp.int32(0), tprev, tnext, y, field(tprev, y), zeros_i, zeros_i, zeros_i, zeros_i, jnp.int32(0))
+        carry = (tprev, tnext, y, field(tprev, y), zeros_i, zeros_i, zeros_i, zeros_i, jnp.int32(0))
 
-        def running(c):
-            return (c[1] < t_end) & (c[7] == SUCCESSFUL)
+        def keep_going(c):
+            return _triton.any_lane(running(k, c[0], c[6]))
 
-        def cond(c):
-            return (c[0] < rows) & _triton.any_lane(running(c))
-
-        def body(c):
-            n, tprev, tnext, y, f, acc, rej, result, save_index, first_unsaved = c
-            step = _step.attempt_step(
-                field, adaptive=config.adaptive, active=running(c), tprev=tprev, tnext=tnext, y=y,
-                f=f, direction=direction, rtol=rtol, atol=atol, t_start=t_start, t_end=t_end,
-                t_end_floor=t_end_floor, num_fixed_steps=num_fixed, steps_done=n,
-            )
+        def step(c, n, row):
+            tprev, tnext, y, f, acc, rej, result, save_index, first_unsaved = c
+            attempted = attempt(config, field, k, n, tprev, tnext, y, f, result)
             if config.save_ts:
                 save_index, first_unsaved = _save_rows(
-                    ts_ref, ys_refs, save_iter_ref, lanes, T, n, step.accept, tprev, tnext, y, step.ks,
-                    save_index, first_unsaved,
+                    ts_ref, ys_refs, save_iter_ref, lanes, T, n, attempted.accept, tprev, tnext, y,
+                    attempted.ks, save_index, first_unsaved,
                 )
             if with_tape:
-                states_ref, times_ref, accepted_ref = tape_refs
-                for s, state in enumerate((y,) + step.ks[:TAPE_STAGES]):
-                    for leaf_index, leaf in enumerate(state):
-                        states_ref[n, jnp.int32(s * L + leaf_index), lanes] = leaf
-                times_ref[n, jnp.int32(0), lanes] = tprev
-                times_ref[n, jnp.int32(1), lanes] = tnext
-                accepted_ref[n, lanes] = step.accept.astype(jnp.int32)
+                write_row(ring_refs, row, lanes, tprev, tnext, y, attempted)
             return (
-                n + 1, step.tprev, step.tnext, step.y, step.f,
-                acc + step.accept.astype(jnp.int32), rej + step.reject.astype(jnp.int32),
-                jnp.where(step.nonfinite, NONFINITE, result), save_index, first_unsaved,
+                attempted.tprev, attempted.tnext, attempted.y, attempted.f,
+                acc + attempted.accept.astype(jnp.int32), rej + attempted.reject.astype(jnp.int32),
+                jnp.where(attempted.nonfinite, NONFINITE, result), save_index, first_unsaved,
             )
 
-        c = lax.while_loop(cond, body, carry)
-        n, _, _, y_final, _, acc, rej, result, _, _ = c
-        result = jnp.where(running(c), MAX_STEPS_REACHED, result)
+        def checkpoint(c, segment):
+            tprev, tnext, y, f, _, _, result, _, _ = c
+            write_checkpoint(checkpoint_refs, segment, lanes, tprev, tnext, y, f, result)
+            return c
+
+        n, c = _schedule.forward_loop(carry, rows=config.rows, tape_rows=R, keep_going=keep_going,
+                                      step=step, checkpoint=checkpoint if with_tape else None)
+        tprev, _, y_final, _, acc, rej, result, _, _ = c
+        result = jnp.where(running(k, tprev, result), MAX_STEPS_REACHED, result)
         if config.save_ts:
             # t0 == t1: no iteration ran and every save time equals t0.
             def fill(j, _):
@@ -163,7 +234,7 @@ def forward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff:
                     r[j, lanes] = leaf
                 return _
 
-            lax.fori_loop(jnp.int32(0), _triton.count_if(t_start == t_end, T), fill, 0)
+            lax.fori_loop(jnp.int32(0), _triton.count_if(k.t_start == k.t_end, T), fill, 0)
         else:
             for r, leaf in zip(ys_refs, y_final):
                 r[jnp.int32(0), lanes] = leaf

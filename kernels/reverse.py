@@ -1,9 +1,11 @@
 """The fused reverse kernel: one backwards walk over a tile's tape, no step re-run.
 
 Owns: looping and memory movement of the backward pass on a GPU. Each program walks its
-tile's iterations n = N-1 .. 0, injects the cotangents of outputs saved in iteration n, and
-calls ``fusedrk._step.tsit5_step_vjp`` on the stored start state and increments (masked to
-accepted steps). Outputs: cotangents of y0, of per-lane arguments ([B]) and per-tile partial
+tile's iterations n = N-1 .. 0 in ``fusedrk._schedule.reverse_loop``'s order (the last segment
+from the ring; each earlier one after re-running it once from its checkpoint into the ring),
+injects the cotangents of outputs saved in iteration n, and calls
+``fusedrk._step.tsit5_step_vjp`` on the stored start state and increments (masked to accepted
+steps). Outputs: cotangents of y0, of per-lane arguments ([B]) and per-tile partial
 sums of shared arguments' cotangents (reduced outside).
 
 Must not: contain step algebra or Triton specifics beyond loads and stores.
@@ -15,13 +17,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fusedrk import _step
-from fusedrk._reference import TAPE_STAGES, Config, Times
+from fusedrk import _schedule, _step
+from fusedrk._reference import NONFINITE, TAPE_STAGES, Config, Times
 from fusedrk._tableau import NUM_STAGES
 
 from . import _triton
 from ._problem import TileProblem, pad_lanes
-from .forward import KernelForward, time_scalars
+from .forward import KernelForward, Scalars, attempt, read_checkpoint, time_scalars, write_row
 
 
 def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff: list, nondiff: list,
@@ -34,37 +36,45 @@ def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff
     Bp = num_tiles * TB
     L = len(y0)
     T = times.ts.shape[0]
+    R = config.tape_rows
     dtype = y0[0].dtype
     y0p, diffp, nondiffp = pad_lanes(problem, Bp, y0, diff, nondiff)
     ys_bar_rows = [jnp.pad(g.T, ((0, 0), (0, Bp - B))) for g in ys_bar]  # [T, Bp], zero padded
-    t_start, t_end, _, _, direction, _, _, _ = time_scalars(times, config, dtype)
-    inputs = [*fwd.tape, fwd.save_iter, fwd.iterations, *ys_bar_rows, *y0p, *diffp, *nondiffp,
-              times.ts, t_start, t_end, direction]
+    # The ring comes first: it is also an output (aliased), rewritten by each segment's replay.
+    inputs = [*fwd.tape.ring, *fwd.tape.checkpoints, fwd.save_iter, fwd.iterations, *ys_bar_rows, *y0p,
+              *diffp, *nondiffp, times.ts, *time_scalars(times, config, dtype)]
     n_diff = len(diff)
     out_shape = [jax.ShapeDtypeStruct((Bp,), dtype) for _ in range(L)]
     out_shape += [
         jax.ShapeDtypeStruct((Bp,) if axis == 0 else (num_tiles,), x.dtype)
         for x, axis in zip(diff, problem.diff_axes)
     ]
+    ring_outputs = range(len(out_shape), len(out_shape) + 3)
+    out_shape += [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in fwd.tape.ring]
 
     def kernel(*refs):
         ins, outs = refs[: len(inputs)], refs[len(inputs):]
-        states_ref, times_ref, accepted_ref, save_iter_ref, iters_ref = ins[:5]
-        rest = ins[5:]
+        checkpoint_refs, rest = ins[3:6], ins[6:]
+        save_iter_ref, iters_ref, rest = rest[0], rest[1], rest[2:]
         ys_bar_refs, rest = rest[:L], rest[L:]
         y_refs, rest = rest[:L], rest[L:]
         diff_refs, rest = rest[:n_diff], rest[n_diff:]
         nondiff_refs, rest = rest[: len(nondiff)], rest[len(nondiff):]
-        ts_ref, t_start, t_end, direction = rest[0], *(r[...] for r in rest[1:])
-        y_bar_refs, args_bar_refs = outs[:L], outs[L:]
+        ts_ref, k = rest[0], Scalars.read(rest[1:])
+        y_bar_refs, args_bar_refs = outs[:L], outs[L: L + n_diff]
+        ring_refs = outs[L + n_diff:]  # read and written through the outputs (the same buffers)
+        states_ref, times_ref, accepted_ref = ring_refs
 
         lanes = _triton.lane_slice(launch)
         y_init = tuple(r[lanes] for r in y_refs)
         d_args = problem.load_args(diff_refs, problem.diff_axes, lanes)
         n_args = problem.load_args(nondiff_refs, problem.nondiff_axes, lanes)
 
+        def field(t, y):
+            return problem.field(k.direction * t, y, d_args, n_args)
+
         def field_vjp(t, y, f_bar):
-            _, pull = jax.vjp(lambda y_, d_: problem.field(direction * t, y_, d_, n_args), y, d_args)
+            _, pull = jax.vjp(lambda y_, d_: problem.field(k.direction * t, y_, d_, n_args), y, d_args)
             return pull(f_bar)
 
         zeros = tuple(jnp.zeros((TB,), dtype) for _ in range(L))
@@ -73,7 +83,6 @@ def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff
         else:
             y_bar = tuple(r[jnp.int32(0), lanes] for r in ys_bar_refs)
         args_bar = [jnp.zeros_like(x) for x in d_args]
-        num_iters = iters_ref[_triton.program_index()]
 
         def inject(n, tprev, tnext, top):
             """Cotangents of outputs saved in iteration n (rows are shared by the tile).
@@ -103,17 +112,31 @@ def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff
             stop, next_top, y0_bar, k_bars = lax.while_loop(cond, body, (top, jnp.int32(-1), zeros, k_bars))
             return jnp.maximum(next_top, stop), y0_bar, k_bars
 
-        def body(i, c):
+        def replay(c, segment, start, count):
+            """Re-run an earlier segment from its checkpoint into the ring."""
+            tprev, tnext, y, f, result = read_checkpoint(checkpoint_refs, segment, lanes, L)
+
+            def one(i, loop):
+                tprev, tnext, y, f, result = loop
+                attempted = attempt(config, field, k, start + i, tprev, tnext, y, f, result)
+                write_row(ring_refs, i, lanes, tprev, tnext, y, attempted)
+                return (attempted.tprev, attempted.tnext, attempted.y, attempted.f,
+                        jnp.where(attempted.nonfinite, NONFINITE, result))
+
+            lax.fori_loop(jnp.int32(0), count, one, (tprev, tnext, y, f, result))
+            _triton.barrier(interpret)  # the sweep reads rows other threads may have written
+            return c
+
+        def sweep(c, n, row):
             y_bar, f_bar, args_bar, top = c
-            n = num_iters - 1 - i
-            mask = accepted_ref[n, lanes] != 0
-            tprev = times_ref[n, jnp.int32(0), lanes]
-            tnext = times_ref[n, jnp.int32(1), lanes]
-            stored = [tuple(states_ref[n, jnp.int32(s * L + leaf), lanes] for leaf in range(L))
+            mask = accepted_ref[row, lanes] != 0
+            tprev = times_ref[row, jnp.int32(0), lanes]
+            tnext = times_ref[row, jnp.int32(1), lanes]
+            stored = [tuple(states_ref[row, jnp.int32(s * L + leaf), lanes] for leaf in range(L))
                       for s in range(1 + TAPE_STAGES)]
             top, y0_bar_saves, k_bars = inject(n, tprev, tnext, top)
             y0_bar, f0_bar, step_args_bar = _step.tsit5_step_vjp(
-                field_vjp, tprev, tnext, stored[0], tuple(stored[1:]), direction * (tnext - tprev),
+                field_vjp, tprev, tnext, stored[0], tuple(stored[1:]), k.direction * (tnext - tprev),
                 mask, y_bar, f_bar, y0_bar_saves, k_bars,
             )
             return (
@@ -123,9 +146,12 @@ def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff
                 top,
             )
 
-        y_bar, f_bar, args_bar, _ = lax.fori_loop(0, num_iters, body, (y_bar, zeros, args_bar, jnp.int32(T - 1)))
+        y_bar, f_bar, args_bar, _ = _schedule.reverse_loop(
+            iters_ref[_triton.program_index()], R, (y_bar, zeros, args_bar, jnp.int32(T - 1)),
+            replay=replay, sweep=sweep,
+        )
         # The first step's FSAL stage: the field at the initial point.
-        start_y_bar, start_args_bar = field_vjp(jnp.full((TB,), t_start), y_init, f_bar)
+        start_y_bar, start_args_bar = field_vjp(jnp.full((TB,), k.t_start), y_init, f_bar)
         y_bar = tuple(a + b for a, b in zip(y_bar, start_y_bar))
         args_bar = [a + b for a, b in zip(args_bar, start_args_bar)]
         if config.save_ts:
@@ -133,7 +159,7 @@ def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff
             def add_row(j, acc):
                 return tuple(a + r[j, lanes] for a, r in zip(acc, ys_bar_refs))
 
-            y_bar = lax.fori_loop(jnp.int32(0), _triton.count_if(t_start == t_end, T), add_row, y_bar)
+            y_bar = lax.fori_loop(jnp.int32(0), _triton.count_if(k.t_start == k.t_end, T), add_row, y_bar)
         for r, g in zip(y_bar_refs, y_bar):
             r[lanes] = g
         for r, g, axis in zip(args_bar_refs, args_bar, problem.diff_axes):
@@ -143,7 +169,7 @@ def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff
                 r[_triton.program_index()] = g
 
     out = _triton.call(kernel, inputs, out_shape, launch, num_tiles=num_tiles, interpret=interpret,
-                       name="fusedrk_reverse")
+                       name="fusedrk_reverse", aliases=dict(zip(range(3), ring_outputs)))
     y0_bar = tuple(o[:B] for o in out[:L])
-    diff_bar = [o[:B] if axis == 0 else jnp.sum(o) for o, axis in zip(out[L:], problem.diff_axes)]
+    diff_bar = [o[:B] if axis == 0 else jnp.sum(o) for o, axis in zip(out[L: L + n_diff], problem.diff_axes)]
     return y0_bar, diff_bar

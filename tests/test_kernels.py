@@ -14,7 +14,7 @@ import pytest
 
 import fusedrk
 from fusedrk import _reference, kernels, problems
-from conftest import assert_tree_close, diffrax_solve
+from conftest import F64_TOL, assert_tree_close, diffrax_solve
 
 HAS_GPU = jax.default_backend() == "gpu"
 
@@ -84,9 +84,12 @@ class _Agreement:
         np.testing.assert_array_equal(ours.stats["num_steps"], ref.stats["num_steps"])
         assert_tree_close(ours.ys, ref.ys, rtol=10 * float(jnp.finfo(jnp.float32).eps) * 20)
 
-    def test_lane_hitting_max_steps(self):
+    def test_lane_hitting_max_steps(self, x64):
+        # float64: in float32 the first lane's last step sits so near error = 1 that rounding
+        # decides it (4 steps with float64 times or in the jax backend, 5 in diffrax with
+        # float32 times), which says nothing about lanes that run out of steps.
         p = problems.DECAY
-        y0, args = p.make(3, jnp.float32)
+        y0, args = p.make(3, jnp.float64)
         args = dict(args, k=jnp.asarray([0.1, 50.0, 80.0]))
         kw = dict(args=args, args_axes=p.args_axes, dt0=0.1, rtol=1e-5, atol=1e-5, max_steps=20,
                   throw=False, ts=jnp.asarray([0.05, 3.0]))
@@ -94,7 +97,9 @@ class _Agreement:
         ref = fusedrk.solve(p.field, y0, 0.0, 3.0, backend="jax", **kw)
         np.testing.assert_array_equal(ours.result, [0, 1, 1])
         np.testing.assert_array_equal(ours.stats["num_steps"], ref.stats["num_steps"])
-        np.testing.assert_array_equal(ours.ys, ref.ys)  # including inf where never saved
+        np.testing.assert_array_equal(np.isinf(ours.ys), np.isinf(ref.ys))  # inf where never saved
+        assert int(np.sum(np.isinf(ours.ys))) == 2
+        assert_tree_close(ours.ys, ref.ys, rtol=F64_TOL)
 
 
 class TestInterpret(_Agreement):
@@ -190,7 +195,7 @@ def test_auto_chooses_jax_without_a_gpu():
 def test_tape_bytes_is_what_each_backend_allocates(B, adaptive):
     p = problems.LORENZ
     y0, rho = p.make(B, jnp.float32)
-    config = _reference.Config(adaptive=adaptive, save_ts=False, rows=10)
+    config = _reference.Config(adaptive=adaptive, save_ts=False, rows=10, tape_rows=4)  # 3 segments
     one = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
     times = _reference.Times(direction=jnp.asarray(1), t_start=one(0.0), t_end=one(1.0), dt0=one(0.1),
                              ts=jnp.zeros((1,), jnp.float32), rtol=one(1e-6), atol=one(1e-6))
@@ -206,7 +211,7 @@ def test_tape_bytes_is_what_each_backend_allocates(B, adaptive):
     reference = jax.eval_shape(lambda y: _reference.forward(config, batched, times, y, with_tape=True), y0)
     for backend, fwd in (("pallas", kernel), ("jax", reference)):
         allocated = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(fwd.tape))
-        assert fusedrk._solve.tape_bytes(10, y0, 4, backend=backend, adaptive=adaptive) == allocated, backend
+        assert fusedrk._solve.tape_bytes(4, y0, 4, backend=backend, adaptive=adaptive, segments=3) == allocated, backend
 
 
 def test_step_algebra_is_shared_not_copied():

@@ -1,0 +1,175 @@
+"""The tape ring and its segment checkpoints (fusedrk/_schedule.py).
+
+A solve of N iterations with a ring of R = tape_rows rows is differentiated by sweeping the
+last segment from the ring and re-running each earlier segment once from its checkpoint. So
+the values and gradients must not depend on R at all, the reverse pass must replay exactly
+the iterations outside the last segment (none when N <= R), and the memory the compiled
+gradient takes must stop growing with max_steps once the ring fills its budget.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fusedrk
+from fusedrk import _schedule, _solve, kernels
+from conftest import F64_TOL, CountedField, assert_tree_close
+
+
+def _field(t, y, args):
+    """Lorenz-like, with a per-lane and a shared argument and an explicit time dependence."""
+    x, u, z = y
+    rho, sigma = args
+    return sigma * (u - x), x * (rho - z) - u + 0.1 * jnp.sin(t), x * u - 8.0 / 3.0 * z
+
+
+def _problem(B):
+    rng = np.random.RandomState(0)
+    y0 = tuple(jnp.asarray(rng.uniform(0.5, 1.5, B)) for _ in range(3))
+    rho = jnp.linspace(20.0, 30.0, B)
+    return y0, (rho, jnp.asarray(10.0))
+
+
+# name: (t0, t1, solve keywords). Every case has several segments at tape_rows = 7.
+CASES = {
+    "fixed-ts": (0.0, 0.6, dict(dt0=0.025, ts=np.asarray([0.0, 0.13, 0.13, 0.6]))),
+    "adaptive-t1-backward": (0.5, 0.0, dict(dt0=-0.01, rtol=1e-7, atol=1e-7)),
+    # One lane (the largest rho, the fastest) runs out of steps; the others finish.
+    "adaptive-ts-max-steps": (0.0, 0.5, dict(dt0=0.01, rtol=1e-8, atol=1e-8, max_steps=80, throw=False,
+                                              ts=np.linspace(0.0, 0.5, 6))),
+}
+
+
+def _run(case, backend, tape_rows, B=5):
+    t0, t1, kw = CASES[case]
+    y0, args = _problem(B)
+
+    def loss(y0, args):
+        sol = fusedrk.solve(_field, y0, t0, t1, args=args, args_axes=(0, None), tape_rows=tape_rows,
+                            backend=backend, interpret=backend == "pallas", **kw)
+        total = sum(jnp.sum(jnp.where(jnp.isfinite(y), jnp.sin(y), 0.0)) for y in sol.ys)
+        return total, sol
+
+    (value, sol), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(y0, args)
+    return value, sol, grads
+
+
+def _iterations(sol) -> int:
+    """Iterations of the (single) loop: the most steps any lane attempted."""
+    return int(np.max(sol.stats["num_steps"]))
+
+
+@pytest.mark.parametrize("backend", ["jax", "pallas"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_values_and_gradients_do_not_depend_on_tape_rows(x64, case, backend):
+    value, sol, grads = _run(case, backend, tape_rows=None)
+    N = _iterations(sol)
+    assert int(np.max(sol.stats["num_replayed_iterations"])) == 0  # the default fits this solve
+    if case == "adaptive-ts-max-steps":
+        assert np.sum(np.asarray(sol.result) == fusedrk.RESULTS.max_steps_reached) == 1
+    sizes = [1, 2, 7, N, N + 5]
+    for R in sizes:
+        v, s, g = _run(case, backend, tape_rows=R)
+        np.testing.assert_array_equal(s.stats["num_steps"], sol.stats["num_steps"])
+        assert_tree_close(s.ys, sol.ys, rtol=F64_TOL)
+        assert_tree_close(g, grads, rtol=F64_TOL)
+        np.testing.assert_allclose(v, value, rtol=F64_TOL)
+        expected = _schedule.replayed_iterations(N, min(R, N))
+        np.testing.assert_array_equal(s.stats["num_replayed_iterations"], expected)
+        assert (expected == 0) == (R >= N)
+
+
+@pytest.mark.parametrize("backend", ["jax", "pallas"])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_the_backward_replays_each_iteration_at_most_once(x64, monkeypatch, backend, adaptive):
+    # Field evaluations, counted by a host callback (B = 1: one callback per evaluation). The
+    # kernels do not lower host callbacks on a GPU; in interpret mode they run, so let one in.
+    monkeypatch.setattr(kernels._problem, "ELEMENTWISE", kernels._problem.ELEMENTWISE | {"debug_callback"})
+    counted = CountedField()
+    y0, k = jnp.ones(1), jnp.full((1,), 0.5)
+    tol = dict(rtol=1e-6, atol=1e-8) if adaptive else {}
+    kw = dict(args=k, args_axes=0, dt0=0.1, backend=backend, interpret=backend == "pallas", **tol)
+
+    def loss(y0, k, R):
+        return jnp.sum(fusedrk.solve(counted, y0, 0.0, 2.0, tape_rows=R, **{**kw, "args": k}).ys)
+
+    sol = fusedrk.solve(counted, y0, 0.0, 2.0, **kw)
+    N = int(sol.stats["num_steps"][0])
+    forward = counted.count(jax.jit(lambda y0: fusedrk.solve(counted, y0, 0.0, 2.0, **kw).ys), y0)
+    assert forward == 1 + 6 * N
+    for R in (N + 3, N, N - 1, 5, 1):
+        with_grad = counted.count(jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2), y0, k, R)
+        replayed = with_grad - 2 * forward  # forward + one VJP per evaluation, plus replays
+        assert replayed % 6 == 0, (R, replayed)
+        replayed //= 6
+        if R >= N:
+            assert replayed == 0, R
+        else:
+            # Every iteration outside the last segment, once.
+            assert replayed == (-(-N // R) - 1) * R, (R, replayed)
+            assert replayed < N
+        stats = fusedrk.solve(counted, y0, 0.0, 2.0, tape_rows=R, **kw).stats
+        assert int(stats["num_replayed_iterations"][0]) == replayed
+
+
+def test_peak_memory_stops_growing_with_max_steps(x64, monkeypatch):
+    """The compiled gradient's temporaries stay within the tape budget plus what does not
+    depend on max_steps, from max_steps = 64 to 65,536 (a max_steps-sized tape would need
+    ~0.8 GB at 65,536)."""
+    budget = 8 * 2**20
+    monkeypatch.setitem(_solve.JAX_TAPE_BYTES, "cpu", budget)
+    B = 64
+    y0, args = _problem(B)
+
+    def temp_bytes(max_steps):
+        def loss(y0):
+            sol = fusedrk.solve(_field, y0, 0.0, 1.0, args=args, args_axes=(0, None), dt0=0.01,
+                                rtol=1e-6, atol=1e-6, max_steps=max_steps, backend="jax")
+            return jnp.sum(sol.ys[0])
+
+        compiled = jax.jit(jax.grad(loss)).lower(y0).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    row = _solve.tape_bytes(1, y0, 8, backend="jax", adaptive=True)
+    sizes = {m: temp_bytes(m) for m in (64, 1024, 65536)}
+    assert sizes[64] < budget  # 64 rows fit: the tape holds every iteration
+    assert sizes[64] >= 64 * row
+    for m, used in sizes.items():
+        assert used <= budget + 2 * 64 * row, (m, used)  # the budget, and slack for the rest
+    assert 65536 * row > 50 * budget  # what the tape would take without the ring
+
+
+def test_bad_tape_rows_are_refused():
+    y0 = jnp.ones(3)
+    for bad in (0, -2, 2.5, True, "8"):
+        with pytest.raises(ValueError, match="tape_rows must be a positive int"):
+            fusedrk.solve(lambda t, y, a: -y, y0, 0.0, 1.0, dt0=0.1, tape_rows=bad)
+
+
+def test_checkpoints_that_cannot_fit_are_refused_with_the_sizes(monkeypatch):
+    # One row of a ring fits, but one checkpoint per iteration for max_steps does not.
+    monkeypatch.setattr(_solve, "_device_memory_bytes", lambda: 2**20)
+    y0 = jnp.ones(1024)
+    loss = lambda y0: jnp.sum(fusedrk.solve(lambda t, y, a: -y, y0, 0.0, 1.0, dt0=0.01, rtol=1e-6,  # noqa: E731
+                                            atol=1e-6, max_steps=10_000, tape_rows=1).ys)
+    with pytest.raises(MemoryError, match=r"1 rows x 1024 lanes: .*; 10000 segment checkpoints"):
+        jax.jit(jax.grad(loss)).lower(y0)
+
+
+def test_the_automatic_rule():
+    kw = dict(row_bytes=1000, checkpoint_bytes=100, budget_bytes=100_000)
+    # Fixed steps with concrete times keep every iteration; an explicit value is capped.
+    assert _schedule.choose_tape_rows(None, rows=5000, known_fixed=True, **kw) == 5000
+    assert _schedule.choose_tape_rows(9, rows=5, known_fixed=False, **kw) == 5
+    # A short solve's every row fits the budget.
+    assert _schedule.choose_tape_rows(None, rows=50, known_fixed=False, **kw) == 50
+    # A long one: the largest ring whose rows and checkpoints fit.
+    R = _schedule.choose_tape_rows(None, rows=4096, known_fixed=False, **kw)
+    total = lambda R: R * 1000 + _schedule.num_segments(4096, R) * 100  # noqa: E731
+    assert total(R) <= 100_000 < total(R + 1)
+    # Nothing fits: the smallest tape, about sqrt(rows x checkpoint / row), at least 16 rows.
+    R = _schedule.choose_tape_rows(None, rows=10**6, known_fixed=False, **kw)
+    assert R == round((10**6 * 100 / 1000) ** 0.5)
+    assert _schedule.choose_tape_rows(None, rows=10**6, known_fixed=False, row_bytes=10**6,
+                                      checkpoint_bytes=1, budget_bytes=1) == _schedule.MIN_AUTO_ROWS
