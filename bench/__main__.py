@@ -29,7 +29,7 @@ import fusedrk
 from bench import peers
 from fusedrk import problems
 from fusedrk._measure import rel_err, timed
-from fusedrk._solve import tape_bytes
+from fusedrk._solve import tape_plan
 
 DIFFRAX_METHODS = {
     "diffrax-rca": lambda steps: diffrax.RecursiveCheckpointAdjoint(),
@@ -39,6 +39,10 @@ DIFFRAX_METHODS = {
     "diffrax-allsave": lambda steps: fusedrk.AllSaveAdjoint(),
 }
 FUSEDRK_METHODS = ("fusedrk-jax", "fusedrk-pallas")
+# The readme workload also runs the jax backend with a ring of a quarter of its iterations
+# (so three quarters of them are replayed once): the price of a tape too small for the solve.
+QUARTER_TAPE = "fusedrk-jax-quarter-tape"
+README_METHODS = [m for m in DIFFRAX_METHODS if m != "diffrax-allsave"] + ["fusedrk-jax", QUARTER_TAPE]
 FULL_ALL_ADJOINTS_B = 2**16  # the ensembles' size at which full mode runs every diffrax adjoint
 DEFAULT = "diffrax-rca"  # diffrax's default adjoint: the speed-up baseline and the oracle
 COLUMNS = ["device", "jax", "jaxlib", "diffrax", "workload", "mode", "B", "steps", "method", "compile_s",
@@ -149,6 +153,46 @@ def _ensemble_cases(name, quick, sizes):
     return cases
 
 
+def _readme_case():
+    """The README's example exactly as written: 4,096 Lorenz lanes, adaptive rtol = atol = 1e-6,
+    10 save times, every other argument (max_steps, tape_rows) left at its default."""
+
+    def lorenz(t, y, rho):
+        x, u, z = y
+        return 10.0 * (u - x), x * (rho - z) - u, x * u - 8.0 / 3.0 * z
+
+    B = 4096
+    y0 = (jnp.ones(B), jnp.zeros(B), jnp.zeros(B))
+    rho = jnp.linspace(20.0, 30.0, B)
+    ts = jnp.linspace(0.0, 1.0, 10)
+    kw = dict(args=rho, args_axes=0, dt0=0.01, rtol=1e-6, atol=1e-6, ts=ts)
+    iterations = int(jnp.max(fusedrk.solve(lorenz, y0, 0.0, 1.0, **kw).stats["num_steps"]))
+
+    def ours(backend, horizon, interpret=False, tape_rows=None):
+        def fn(rho):
+            sol = fusedrk.solve(lorenz, y0, 0.0, horizon, **{**kw, "args": rho}, tape_rows=tape_rows,
+                                backend=backend, interpret=interpret)
+            return jnp.mean(sol.ys[2] ** 2), sol.ys
+
+        return fn
+
+    ours.quarter = -(-iterations // 4)
+
+    def theirs(adjoint, horizon):
+        def fn(rho):
+            def one(y0_lane, rho_lane):
+                return diffrax.diffeqsolve(diffrax.ODETerm(lorenz), diffrax.Tsit5(), 0.0, horizon, 0.01, y0_lane,
+                                           rho_lane, saveat=diffrax.SaveAt(ts=ts), adjoint=adjoint,
+                                           stepsize_controller=diffrax.PIDController(rtol=1e-6, atol=1e-6)).ys
+
+            ys = jax.vmap(one)(y0, rho)
+            return jnp.mean(ys[2] ** 2), ys
+
+        return fn
+
+    return [Case("readme", "grad", B, 1.0, 1.0, iterations, True, rho, ours, theirs, 3, None)]
+
+
 def build_cases(workloads, quick):
     cases = []
     for name in workloads:
@@ -160,6 +204,8 @@ def build_cases(workloads, quick):
             cases += _ensemble_cases(name, quick, [2**6] if quick else [2**12, 2**16])
         elif name == "vdp":
             cases += _ensemble_cases(name, quick, [64] if quick else [FULL_ALL_ADJOINTS_B])
+        elif name == "readme":
+            cases += _readme_case()
     return cases
 
 
@@ -172,7 +218,9 @@ def runner(case: Case, method: str, horizon: float, interpret: bool) -> peers.Pe
     """The method's gradient and forward functions of the case's parameters at ``horizon``."""
     if method in peers.PEERS:
         return case.peer(method, horizon)
-    if method in FUSEDRK_METHODS:
+    if method == QUARTER_TAPE:
+        fn = case.ours("jax", horizon, interpret, tape_rows=case.ours.quarter)
+    elif method in FUSEDRK_METHODS:
         fn = case.ours(method.split("-")[1], horizon, interpret)
     else:
         fn = case.theirs(DIFFRAX_METHODS[method](case.steps), horizon)
@@ -181,7 +229,7 @@ def runner(case: Case, method: str, horizon: float, interpret: bool) -> peers.Pe
 
 def run_case(case: Case, method: str, repeats: int, get_run: Callable, oracle: dict, budget_s=None) -> dict:
     """Times one method on one case and checks it; get_run(case, method, horizon) -> PeerRun."""
-    is_ours = method in FUSEDRK_METHODS
+    is_ours = method in FUSEDRK_METHODS or method == QUARTER_TAPE
     horizon = case.t1 if is_ours else case.t1_diffrax
     run = get_run(case, method, horizon)
     timed_fn = run.grad if case.mode == "grad" else run.forward
@@ -204,9 +252,12 @@ def run_case(case: Case, method: str, repeats: int, get_run: Callable, oracle: d
                extrapolated=scale != 1.0, ys_rel_err=ys_err, grad_rel_err=grad_err, status="FAILED" if bad else "ok")
     row["traj_steps_per_s"] = case.B * case.steps / (row["median_ms"] / 1e3)
     if is_ours and case.mode == "grad":
-        rows = case.steps + 1
-        row["tape_bytes"] = tape_bytes(rows, (jnp.zeros((case.B, case.state_per_lane), jnp.float32),), 4,
-                                       backend=method.removeprefix("fusedrk-"), adaptive=case.adaptive)
+        lanes = (jnp.zeros((case.B, case.state_per_lane), jnp.float32),)
+        backend = "jax" if method == QUARTER_TAPE else method.removeprefix("fusedrk-")
+        plan = tape_plan(lanes, jnp.float32, rows=case.steps + 1, backend=backend, adaptive=case.adaptive,
+                         known_fixed=not case.adaptive,
+                         tape_rows=case.ours.quarter if method == QUARTER_TAPE else None)
+        row["tape_bytes"] = plan.bytes
         row["tape_gbps"] = 2 * row["tape_bytes"] / (row["median_ms"] / 1e3) / 1e9
     return row
 
@@ -262,14 +313,32 @@ def markdown(rows) -> str:
     return "\n".join(lines)
 
 
+def readme_summary(rows) -> str | None:
+    """The README example's two ratios: fusedrk against diffrax's fastest adjoint, and the
+    quarter-size tape against the fitting one (the rows above carry each result's check)."""
+    readme = {r["method"]: r for r in rows if r["workload"] == "readme" and r["status"] == "ok"}
+    theirs = {m: r["median_ms"] for m, r in readme.items() if m in DIFFRAX_METHODS}
+    if "fusedrk-jax" not in readme or not theirs:
+        return None
+    fastest = min(theirs, key=theirs.get)
+    ours = readme["fusedrk-jax"]["median_ms"]
+    lines = [f"readme example: fusedrk-jax {ours:.1f} ms, diffrax's fastest adjoint ({fastest}) "
+             f"{theirs[fastest]:.1f} ms: {theirs[fastest] / ours:.1f}x faster"]
+    if QUARTER_TAPE in readme:
+        quarter = readme[QUARTER_TAPE]["median_ms"]
+        lines.append(f"readme example, tape_rows a quarter of the iterations: {quarter:.1f} ms, "
+                     f"{quarter / ours:.2f}x the fitting tape's time")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join("bench", "results"))
     parser.add_argument("--quick", action="store_true", help="CPU-sized run (under 2 minutes on 2 cores)")
-    parser.add_argument("--workloads", nargs="+", default=["seed", "seed-nl", "lorenz", "lorenz-adaptive", "vdp"],
-                        choices=["seed", "seed-nl", "lorenz", "lorenz-adaptive", "vdp"])
+    parser.add_argument("--workloads", nargs="+", default=["seed", "seed-nl", "lorenz", "lorenz-adaptive", "vdp", "readme"],
+                        choices=["seed", "seed-nl", "lorenz", "lorenz-adaptive", "vdp", "readme"])
     parser.add_argument("--methods", nargs="+", default=None,
-                        choices=[*DIFFRAX_METHODS, *FUSEDRK_METHODS, *peers.PEERS],
+                        choices=[*DIFFRAX_METHODS, *FUSEDRK_METHODS, QUARTER_TAPE, *peers.PEERS],
                         help="default: every diffrax adjoint and fusedrk-jax, plus fusedrk-pallas on a GPU and "
                              "the installed peers on the fixed-step workloads")
     parser.add_argument("--interpret", action="store_true", help="run fusedrk-pallas in interpret mode")
@@ -291,6 +360,10 @@ def main(argv=None) -> int:
     def methods_for(case):
         if opts.methods:
             chosen = opts.methods
+        elif case.workload == "readme":
+            # Against every diffrax adjoint but AllSave (whose storage is max_steps-sized: see
+            # README), to find diffrax's fastest; plus the price of a quarter-size tape.
+            chosen = README_METHODS + (["fusedrk-pallas"] if jax.default_backend() == "gpu" else [])
         elif opts.quick and case.workload != "seed":
             # Quick mode measures every method on the seed only: compilation dominates a
             # 2-core budget. Elsewhere diffrax's default adjoint (the oracle) and fusedrk,
@@ -358,6 +431,9 @@ def main(argv=None) -> int:
     plot(rows, os.path.join(opts.out, "results.png"))
     print(f"device {meta['device']}, jax {meta['jax']}, jaxlib {meta['jaxlib']}, diffrax {meta['diffrax']}")
     print(table)
+    summary = readme_summary(rows)
+    if summary:
+        print(summary)
     return 1 if any(r["status"] != "ok" for r in rows) else 0
 
 

@@ -173,14 +173,9 @@ def solve(
     lane_fn = _lane_function(vector_field, y_treedef, layout)
     backend = _choose_backend(backend, lane_fn, layout, y_flat, diff_args, nondiff_args, tdtype)
     _check_pallas_device(backend, interpret)
-    sizes = dict(backend=backend, adaptive=adaptive)
-    R = _schedule.choose_tape_rows(
-        tape_rows, rows=rows, known_fixed=num_steps is not None,
-        row_bytes=tape_bytes(1, y_flat, np.dtype(tdtype).itemsize, **sizes),
-        checkpoint_bytes=tape_bytes(0, y_flat, np.dtype(tdtype).itemsize, segments=1, **sizes),
-        budget_bytes=tape_budget_bytes(backend),
-    )
-    config = _reference.Config(adaptive=adaptive, save_ts=ts is not None, rows=rows, tape_rows=R)
+    plan = tape_plan(y_flat, tdtype, rows=rows, backend=backend, adaptive=adaptive,
+                     known_fixed=num_steps is not None, tape_rows=tape_rows)
+    config = _reference.Config(adaptive=adaptive, save_ts=ts is not None, rows=rows, tape_rows=plan.rows)
     core = _make_core(lane_fn, layout, config, choose_dt0=dt0 is None, backend=backend, interpret=interpret)
 
     zero_t = jnp.zeros((), tdtype)
@@ -440,13 +435,38 @@ def tape_bytes(rows: int, y_flat: tuple, time_itemsize: int, *, backend: str, ad
     return rows * row + segments * checkpoint
 
 
-# The automatic ring's memory budget per backend (``tape_rows=None``), chosen by measurement:
-# see README "Gradients: the tape". The kernels' tape is a Pallas output, which XLA does not
-# initialise, so unused rows cost memory only: up to a quarter of the device's memory. The jax
-# backend's ring is a while-loop carry that XLA fills with zeros before the loop, so every row
-# costs time whether used or not: on a CPU, 64 MiB, and a GPU (~20x the memory bandwidth) 1 GiB.
+# The automatic ring's memory budget per backend (``tape_rows=None``), chosen by measurement
+# (``python -m bench.tape_rows``; the numbers are in README "Gradients: the tape"). The
+# kernels' tape is a Pallas output, which XLA does not initialise, so unused rows cost memory
+# only: up to a quarter of the device's memory. The jax backend's ring is a while-loop carry
+# that XLA fills with zeros before the loop, so every row costs time whether used or not, and
+# a replayed iteration costs only one more forward step: on a CPU, 16 MiB (half a 32 MiB last-
+# level cache; the README example's gradient took 32 ms with a 12 MB ring and 32 iterations
+# replayed, 40-56 ms with 24-97 MB rings and none, 148 ms with 390 MB); on a GPU, whose memory
+# is ~20x faster to fill, 1 GiB (not yet measured there).
 PALLAS_TAPE_FRACTION = 0.25
-JAX_TAPE_BYTES = {"cpu": 64 * 2**20, "gpu": 2**30}
+JAX_TAPE_BYTES = {"cpu": 16 * 2**20, "gpu": 2**30}
+
+
+class TapePlan(NamedTuple):
+    rows: int  # R, the ring's rows
+    segments: int  # checkpoints
+    bytes: int  # ring and checkpoints together
+
+
+def tape_plan(y_flat: tuple, tdtype, *, rows: int, backend: str, adaptive: bool, known_fixed: bool,
+              tape_rows: Optional[int] = None) -> TapePlan:
+    """The tape a gradient of this solve stores: R chosen by ``_schedule.choose_tape_rows``
+    (or ``tape_rows`` capped at the loop's ``rows``), its segments and its bytes."""
+    sizes = dict(backend=backend, adaptive=adaptive)
+    itemsize = np.dtype(tdtype).itemsize
+    R = _schedule.choose_tape_rows(
+        tape_rows, rows=rows, known_fixed=known_fixed, row_bytes=tape_bytes(1, y_flat, itemsize, **sizes),
+        checkpoint_bytes=tape_bytes(0, y_flat, itemsize, segments=1, **sizes),
+        budget_bytes=tape_budget_bytes(backend),
+    )
+    segments = _schedule.num_segments(rows, R)
+    return TapePlan(R, segments, tape_bytes(R, y_flat, itemsize, segments=segments, **sizes))
 
 
 def tape_budget_bytes(backend: str) -> int:
