@@ -44,7 +44,8 @@ class Solution(eqx.Module):
     stats: dict of int [B] arrays ``num_steps``, ``num_accepted_steps``,
     ``num_rejected_steps`` (diffrax's) and ``num_replayed_iterations``: loop iterations of the
     lane's loop (the whole batch on backend "jax", its lane tile in the kernels) that a reverse
-    pass re-runs because the tape ring holds fewer (0 when the solve fits ``tape_rows``). result: int [B], codes in ``fusedrk.RESULTS``.
+    pass re-runs because the tape ring holds fewer (0 when the solve fits ``tape_rows``).
+    result: int [B], codes in ``fusedrk.RESULTS``.
     """
 
     ts: jax.Array
@@ -470,7 +471,8 @@ def tape_plan(y_flat: tuple, tdtype, *, rows: int, backend: str, adaptive: bool,
 
 
 def tape_budget_bytes(backend: str) -> int:
-    """Memory the automatic rule lets the tape ring of ``backend`` take on the default device."""
+    """Memory the automatic rule lets the tape of ``backend`` (ring and checkpoints) take on the
+    default device."""
     if backend == "pallas":
         return int(PALLAS_TAPE_FRACTION * _device_memory_bytes())
     return min(JAX_TAPE_BYTES.get(jax.default_backend(), JAX_TAPE_BYTES["gpu"]), _device_memory_bytes() // 4)
