@@ -178,6 +178,11 @@ def correctness_cases(quick: bool) -> list:
         Case("f32-adaptive-t1", L, 7, "float32", 0.0, 0.5, dict(rtol=1e-5, atol=1e-5)),
         Case("seed-80000-steps", S, size.seed_lanes, "float32", 0.0, size.seed_t1,
              dict(dt0=0.1)),
+        # A small tape ring: the reverse kernel re-runs earlier segments from checkpoints (two
+        # lane tiles of 128 that finish at different iterations; rows written, then read).
+        Case("f64-ring-7-adaptive-ts", V, 129, "float64", 0.0, 3.0,
+             dict(dt0=0.01, rtol=1e-8, atol=1e-8, ts=ts(0.0, 3.0, 7), tape_rows=7), quick_t1=1.0),
+        Case("f32-ring-5-fixed-t1", L, 129, "float32", 0.0, 0.5, dict(dt0=0.01, tape_rows=5)),
     ]
     if quick:
         cases = [c._replace(t1=c.quick_t1, kw=dict(c.kw, ts=ts(c.t0, c.quick_t1, 3)) if "ts" in c.kw else c.kw)

@@ -8,6 +8,11 @@ injects the cotangents of outputs saved in iteration n, and calls
 steps). Outputs: cotangents of y0, of per-lane arguments ([B]) and per-tile partial
 sums of shared arguments' cotangents (reduced outside).
 
+The ring is an input aliased to an output (the replay rewrites it in place). Inside a
+differentiated ``jit`` it is a dead residual and XLA reuses its buffer; if it arrives as a
+non-donated argument (a ``jax.vjp`` pullback called outside the ``jit`` of its forward), XLA
+copies it first, so the ring briefly takes twice its memory.
+
 Must not: contain step algebra or Triton specifics beyond loads and stores.
 """
 
@@ -114,6 +119,10 @@ def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff
 
         def replay(c, segment, start, count):
             """Re-run an earlier segment from its checkpoint into the ring."""
+            # Barriers on both sides: the previous sweep must have read every row before they
+            # are overwritten, and the next must see every row written (a lane's row may be
+            # written and read by different threads when the tile replicates lanes).
+            _triton.barrier(interpret)
             tprev, tnext, y, f, result = read_checkpoint(checkpoint_refs, segment, lanes, L)
 
             def one(i, loop):
@@ -124,7 +133,7 @@ def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff
                         jnp.where(attempted.nonfinite, NONFINITE, result))
 
             lax.fori_loop(jnp.int32(0), count, one, (tprev, tnext, y, f, result))
-            _triton.barrier(interpret)  # the sweep reads rows other threads may have written
+            _triton.barrier(interpret)
             return c
 
         def sweep(c, n, row):
