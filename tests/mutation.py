@@ -63,7 +63,8 @@ MUTANTS = [
     Mutant("fusedrk/_solve.py", "jnp.full_like(t0, _step.AUTO_DT0) if choose_dt0",
            "jnp.full_like(t0, _step.AUTO_DT0) * direction if choose_dt0", ORACLE,
            "adaptive backward solve with dt0=None: lanes run to max_steps"),
-    Mutant("kernels/forward.py", "_triton.count_if(t_start == t_end, T), fill", "_triton.count_if(t_start == t_end, 0), fill",
+    Mutant("kernels/forward.py", "_triton.count_if(k.t_start == k.t_end, T), fill",
+           "_triton.count_if(k.t_start == k.t_end, 0), fill",
            KERNELS, "kernels with t0 == t1 return inf instead of y0"),
     Mutant("fusedrk/_step.py", "jnp.where(keep, 1, FACTOR_MIN)", "jnp.where(keep, 1, FACTOR_MIN / 2)", ORACLE,
            "rejected steps shrink by half the controller's floor"),
@@ -92,7 +93,7 @@ MUTANTS = [
            "        nonfinite=(accept & ~all_finite(y1)),", ("tests/test_errors.py",),
            "a NaN step size is not reported"),
     # -- the jax backend's loop and tape
-    Mutant("fusedrk/_reference.py", "        mask = tape.accepted[n]", "        mask = tape.accepted[n] | True", GRADS,
+    Mutant("fusedrk/_reference.py", "        mask = tape.accepted[row]", "        mask = tape.accepted[row] | True", GRADS,
            "rejected steps contribute to the gradient"),
     Mutant("fusedrk/_reference.py", "    start_y_bar, start_args_bar = field_vjp(t_start, y0, f_bar)",
            "    start_y_bar, start_args_bar = field_vjp(t_start, y0, tuple(0 * x for x in f_bar))", GRADS,
@@ -105,7 +106,7 @@ MUTANTS = [
     # -- kernels
     Mutant("kernels/forward.py", "        mask = accept & (j >= index) & (t_save <= tnext)",
            "        mask = accept & (t_save <= tnext)", KERNELS, "a lane overwrites a save it already made"),
-    Mutant("kernels/reverse.py", "            mask = accepted_ref[n, lanes] != 0", "            mask = accepted_ref[n, lanes] == 0",
+    Mutant("kernels/reverse.py", "            mask = accepted_ref[row, lanes] != 0", "            mask = accepted_ref[row, lanes] == 0",
            KERNELS, "the reverse kernel sweeps rejected steps"),
     Mutant("kernels/reverse.py", "                mask = saved_at == n", "                mask = saved_at >= n", KERNELS,
            "a save's cotangent injected more than once"),
