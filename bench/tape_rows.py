@@ -18,12 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import fusedrk
+from fusedrk import problems
 from fusedrk._measure import rel_err, timed
-
-
-def lorenz(t, y, rho):
-    x, u, z = y
-    return 10.0 * (u - x), x * (rho - z) - u, x * u - 8.0 / 3.0 * z
 
 
 def mlp(t, y, w):
@@ -33,7 +29,7 @@ def mlp(t, y, w):
 def workloads():
     """name -> (field, y0, params, t1, params_axes, state floats per lane)."""
     B = 4096
-    lor = (lorenz, (jnp.ones(B), jnp.zeros(B), jnp.zeros(B)), jnp.linspace(20.0, 30.0, B), 0)
+    lor = (problems.lorenz_field, (jnp.ones(B), jnp.zeros(B), jnp.zeros(B)), jnp.linspace(20.0, 30.0, B), 0)
     key = jax.random.PRNGKey(0)
     w = {"a": jax.random.normal(key, (4, 32)) / 2, "b": jax.random.normal(jax.random.split(key)[0], (32, 4)) / 6}
     node = (mlp, jax.random.normal(key, (256, 4)), w, None)
