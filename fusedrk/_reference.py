@@ -113,11 +113,10 @@ def _attempt(config: Config, field, times: Times, limits: _Limits, c, n) -> _ste
             num_fixed_steps=limits.num_fixed_steps, steps_done=n,
         )
 
-    loop = {k: c[k] for k in LOOP}
-    if jax.default_backend() != "cpu":
-        return attempt(loop)
-    shapes = jax.eval_shape(attempt, loop)
-    return lax.cond(in_loop, attempt, lambda _: jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), loop)
+    # One computation of its own on CPU, so that the forward loop and a segment's replay
+    # compile the step alike: fused into each loop differently, a replayed adaptive trajectory
+    # moved by up to 4e-11 (one-ulp stage differences, amplified by the error estimate).
+    return _isolated(attempt, {k: c[k] for k in LOOP}, in_loop)
 
 
 def _advance(c, step: _step.Attempt) -> dict:
@@ -254,18 +253,26 @@ def _fresh_buffers():
     return fresh
 
 
-def _materialise(x, always_true):
-    """Return x, computed once into memory on XLA:CPU.
+def _isolated(fn, operand, always_true):
+    """``fn(operand)``, compiled on XLA:CPU as a computation of its own and computed once into
+    memory.
 
     XLA:CPU fuses cheap elementwise producers into every consumer, so without a boundary the
     whole stage chain of a step is recomputed inside each consumer (new state, FSAL value,
     error estimate, each tape row): measured 3x slower on the seed workload. A conditional is
-    a fusion boundary; its never-taken branch differs from the taken one so that it is not
-    simplified away. On GPUs a conditional costs a host round trip, so there it is skipped.
+    a fusion boundary; its never-taken branch (zeros) differs from the taken one so that it is
+    not simplified away. On GPUs a conditional costs a host round trip, so there it is skipped.
     """
     if jax.default_backend() != "cpu":
-        return x
-    return lax.cond(always_true, lambda v: v, lambda v: jax.tree_util.tree_map(jnp.zeros_like, v), x)
+        return fn(operand)
+    shapes = jax.eval_shape(fn, operand)
+    zeros = lambda _: jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)  # noqa: E731
+    return lax.cond(always_true, fn, zeros, operand)
+
+
+def _materialise(x, always_true):
+    """Return x, computed once into memory on XLA:CPU (see ``_isolated``)."""
+    return _isolated(lambda v: v, x, always_true)
 
 
 def _lane_times(config: Config, t, B: int):

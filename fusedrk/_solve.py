@@ -177,7 +177,7 @@ def solve(
     plan = tape_plan(y_flat, tdtype, rows=rows, backend=backend, adaptive=adaptive,
                      known_fixed=num_steps is not None, tape_rows=tape_rows)
     config = _reference.Config(adaptive=adaptive, save_ts=ts is not None, rows=rows, tape_rows=plan.rows)
-    core = _make_core(lane_fn, layout, config, choose_dt0=dt0 is None, backend=backend, interpret=interpret)
+    core = _make_core(lane_fn, layout, config, plan, choose_dt0=dt0 is None, backend=backend, interpret=interpret)
 
     zero_t = jnp.zeros((), tdtype)
     ys_flat, num_accepted, num_rejected, result, num_replayed = core(
@@ -452,7 +452,12 @@ JAX_TAPE_BYTES = {"cpu": 16 * 2**20, "gpu": 2**30}
 class TapePlan(NamedTuple):
     rows: int  # R, the ring's rows
     segments: int  # checkpoints
-    bytes: int  # ring and checkpoints together
+    ring_bytes: int
+    checkpoint_bytes: int  # all segments' checkpoints together
+
+    @property
+    def bytes(self) -> int:
+        return self.ring_bytes + self.checkpoint_bytes
 
 
 def tape_plan(y_flat: tuple, tdtype, *, rows: int, backend: str, adaptive: bool, known_fixed: bool,
@@ -467,7 +472,8 @@ def tape_plan(y_flat: tuple, tdtype, *, rows: int, backend: str, adaptive: bool,
         budget_bytes=tape_budget_bytes(backend),
     )
     segments = _schedule.num_segments(rows, R)
-    return TapePlan(R, segments, tape_bytes(R, y_flat, itemsize, segments=segments, **sizes))
+    return TapePlan(R, segments, tape_bytes(R, y_flat, itemsize, **sizes),
+                    tape_bytes(0, y_flat, itemsize, segments=segments, **sizes))
 
 
 def tape_budget_bytes(backend: str) -> int:
@@ -481,19 +487,15 @@ def tape_budget_bytes(backend: str) -> int:
 # ----------------------------------------------------------------------------- custom_vjp
 
 
-def _check_tape_fits(config, y0: tuple, time_itemsize: int, backend: str) -> None:
+def _check_tape_fits(plan: TapePlan, rows: int, lanes: int) -> None:
     """MemoryError, with the sizes and what to change, when the tape cannot fit the device."""
-    segments = _schedule.num_segments(config.rows, config.tape_rows)
-    kw = dict(backend=backend, adaptive=config.adaptive)
-    ring = tape_bytes(config.tape_rows, y0, time_itemsize, **kw)
-    checkpoints = tape_bytes(0, y0, time_itemsize, segments=segments, **kw)
     available = _device_memory_bytes()
-    if ring + checkpoints <= available:
+    if plan.bytes <= available:
         return
     raise MemoryError(
-        f"fusedrk.solve: the gradient tape needs {_size(ring + checkpoints)} ({config.tape_rows} rows "
-        f"x {y0[0].shape[0]} lanes: {_size(ring)}; {segments} segment checkpoints for up to "
-        f"{config.rows} iterations: {_size(checkpoints)}) but the device has {_size(available)}; "
+        f"fusedrk.solve: the gradient tape needs {_size(plan.bytes)} ({plan.rows} rows x {lanes} "
+        f"lanes: {_size(plan.ring_bytes)}; {plan.segments} segment checkpoints for up to {rows} "
+        f"iterations: {_size(plan.checkpoint_bytes)}) but the device has {_size(available)}; "
         "lower tape_rows (a smaller ring), raise it (fewer checkpoints), lower max_steps, or split "
         "the batch"
     )
@@ -553,7 +555,8 @@ def _check_pallas_device(backend: str, interpret: bool) -> None:
         )
 
 
-def _make_core(lane_fn, layout: _ArgsLayout, config, *, choose_dt0: bool, backend: str, interpret: bool):
+def _make_core(lane_fn, layout: _ArgsLayout, config, plan: TapePlan, *, choose_dt0: bool, backend: str,
+               interpret: bool):
     """Build the differentiable core for one call: (y0, args, times) -> outputs."""
 
     def lane_field(direction):
@@ -593,8 +596,9 @@ def _make_core(lane_fn, layout: _ArgsLayout, config, *, choose_dt0: bool, backen
     def outputs(fwd):
         B = fwd.result.shape[0]
         if backend == "pallas":  # iterations run per lane tile
-            tile = fwd.save_iter.shape[1] // fwd.iterations.shape[0]
-            iters = jnp.repeat(fwd.iterations, tile)[:B]
+            from fusedrk.kernels import _triton
+
+            iters = jnp.repeat(fwd.iterations, _triton.choose_launch(B).lane_tile)[:B]
         else:  # one loop for the whole batch
             iters = jnp.broadcast_to(fwd.num_iters, (B,))
         replayed = _schedule.replayed_iterations(iters, config.tape_rows).astype(jnp.int32)
@@ -616,8 +620,7 @@ def _make_core(lane_fn, layout: _ArgsLayout, config, *, choose_dt0: bool, backen
             [y0, diff, nondiff, t0, t1, dt0, ts, rtol, atol],
             is_leaf=lambda p: isinstance(p, CustomVJPPrimal),
         )
-        y0_value = tuple(values[0])
-        _check_tape_fits(config, y0_value, values[3].dtype.itemsize, backend)
+        _check_tape_fits(plan, config.rows, values[0][0].shape[0])
         fwd = run(*values, with_tape=True)
         return outputs(fwd), (values, fwd)
 
