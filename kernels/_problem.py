@@ -1,95 +1,230 @@
 """The vector field as the kernels see it: one function over lane tiles, and its arguments.
 
-Owns: what a field must look like for the kernels (state leaves scalar per lane; arguments
-scalar, either one per lane or shared), the check that says so before any device work, how
-arguments are loaded inside a program, and how lanes are padded to whole tiles.
+Owns: how a field written for one ODE (state leaves and arguments of any small static shape)
+becomes code over [TB] lane tiles (``_grid.py`` evaluates its jaxpr with one tile per
+component), the check that says whether it can before any device work, how state leaves and
+arguments are split into components and loaded inside a program, and how lanes are padded to
+whole tiles.
 
 Must not: know about tapes, loops or the Triton lowering.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-# Primitives a field may use inside the kernels: elementwise math on lane tiles, and the
-# broadcasts, casts and selects JAX emits around it. Anything else (matmuls, slicing,
-# reductions, gathers) keeps the field on backend "jax".
-ELEMENTWISE = frozenset(
-    """abs acos acosh add asin asinh atan atan2 atanh cbrt ceil clamp convert_element_type cos
-    cosh div eq erf erf_inv exp exp2 expm1 floor ge gt integer_pow is_finite le lgamma log log1p
-    logistic lt max min mul ne neg nextafter not or pow rem round rsqrt select_n sign sin sinh
-    sqrt square sub tan tanh xor and broadcast_in_dim copy copy_p jit pjit custom_jvp_call
-    custom_vjp_call stop_gradient""".split()
-)
+from . import _grid
+
+# The most state components one lane may have in the kernels. Every component costs ~9 live
+# values per lane in the forward loop (state, FSAL derivative, seven stages) and more in the
+# reverse; past this the deviceless H100 compile of the catalogue spills (bench/README.md).
+MAX_STATE_COMPONENTS = 64
 
 
 class TileProblem(NamedTuple):
-    """``field(t, y_leaves, diff_args, nondiff_args)`` on [TB] tiles (or scalars)."""
+    """A lane function ``field(t, y_leaves, diff_args, nondiff_args)`` written for one ODE, and
+    how its arguments are batched: 0 per lane (a leading [B] axis), None shared."""
 
     field: Callable
-    diff_axes: tuple  # 0: per lane ([B] input), None: shared (0-d input)
+    diff_axes: tuple
     nondiff_axes: tuple
 
+    def on_tiles(self, y0: tuple, diff: list, nondiff: list, tdtype) -> "TileField":
+        """The field over component tiles, for batched inputs shaped like these."""
+        lane = lambda x, axis: jax.ShapeDtypeStruct(x.shape[1:] if axis == 0 else x.shape, x.dtype)  # noqa: E731
+        y_spec = tuple(jax.ShapeDtypeStruct(y.shape[1:], y.dtype) for y in y0)
+        d_spec = [lane(x, a) for x, a in zip(diff, self.diff_axes)]
+        n_spec = [lane(x, a) for x, a in zip(nondiff, self.nondiff_axes)]
+        t_spec = jax.ShapeDtypeStruct((), tdtype)
+        jaxpr = jax.make_jaxpr(self.field)(t_spec, y_spec, d_spec, n_spec)
+
+        def pullback(t, y, d, n, f_bar):
+            _, pull = jax.vjp(lambda y_, d_: self.field(t, y_, d_, n), y, d)
+            return pull(f_bar)
+
+        vjp_jaxpr = jax.make_jaxpr(pullback)(t_spec, y_spec, d_spec, n_spec, y_spec)
+        return TileField(jaxpr, vjp_jaxpr, tuple(s.shape for s in y_spec), tuple(s.shape for s in d_spec),
+                         tuple(s.shape for s in n_spec), self.diff_axes, self.nondiff_axes)
+
+
+class TileField(NamedTuple):
+    """A field on lane tiles. Inside the kernels every state leaf and per-lane argument is a
+    flat tuple of component tiles [TB]; a shared argument is loaded as its components' values.
+    """
+
+    jaxpr: object  # ClosedJaxpr of the lane function
+    vjp_jaxpr: object  # ClosedJaxpr of its pullback, (t, y, d, n, f_bar) -> (y_bar, d_bar)
+    y_shapes: tuple  # per-lane shape of each state leaf
+    diff_shapes: tuple  # per-lane shape (axis 0) or whole shape (shared) of each argument
+    nondiff_shapes: tuple
+    diff_axes: tuple
+    nondiff_axes: tuple
+
+    @property
+    def num_components(self) -> int:
+        return sum(math.prod(s) for s in self.y_shapes)
+
+    # -- outside the kernels: batched arrays <-> component arrays
+
+    def components(self, y0: tuple) -> tuple:
+        """State leaves [B, *shape] -> one [B] array per component."""
+        return tuple(c for y in y0 for c in _columns(y))
+
+    def join(self, comps, lead: tuple) -> tuple:
+        """One [*lead] array per component -> leaves [*lead, *shape]."""
+        out, i = [], 0
+        for shape in self.y_shapes:
+            n = math.prod(shape)
+            out.append(jnp.stack(comps[i: i + n], axis=-1).reshape(lead + shape))
+            i += n
+        return tuple(out)
+
+    def arg_inputs(self, diff: list, nondiff: list):
+        """Kernel inputs for the arguments: a per-lane leaf gives one [B] array per component,
+        a shared leaf one flat array of its components (0-d when it is a scalar); with the
+        axis (0 or None) of each input."""
+        inputs, axes = [], []
+        for leaves, leaf_axes in ((diff, self.diff_axes), (nondiff, self.nondiff_axes)):
+            for x, axis in zip(leaves, leaf_axes):
+                if axis == 0:
+                    cols = _columns(x)
+                    inputs += cols
+                    axes += [0] * len(cols)
+                else:
+                    inputs.append(x if x.ndim == 0 else x.reshape(-1))
+                    axes.append(None)
+        return inputs, axes
+
+    def load_args(self, refs, lanes):
+        """Inside a program: (diff, nondiff) as lists, per leaf, of component values."""
+        refs = list(refs)
+        loaded = []
+        for shapes, leaf_axes in ((self.diff_shapes, self.diff_axes), (self.nondiff_shapes, self.nondiff_axes)):
+            group = []
+            for shape, axis in zip(shapes, leaf_axes):
+                n = math.prod(shape)
+                if axis == 0:
+                    group.append([refs.pop(0)[lanes] for _ in range(n)])
+                else:
+                    ref = refs.pop(0)
+                    group.append([ref[...]] if len(shape) == 0 else [ref[j] for j in range(n)])
+            loaded.append(group)
+        return loaded[0], loaded[1]
+
+    def diff_cotangent_shapes(self):
+        """Per differentiable component: True when per lane (its cotangent is a [B] array)."""
+        return [axis == 0 for shape, axis in zip(self.diff_shapes, self.diff_axes) for _ in range(math.prod(shape))]
+
+    def join_diff_cotangents(self, per_component: list, B: int) -> list:
+        """[B] (per lane) or [tiles] partial sums (shared) per component -> leaves like diff."""
+        out, i = [], 0
+        for shape, axis in zip(self.diff_shapes, self.diff_axes):
+            n = math.prod(shape)
+            comps = per_component[i: i + n]
+            i += n
+            if axis == 0:
+                out.append(jnp.stack([c[:B] for c in comps], axis=-1).reshape((B,) + shape))
+            else:
+                out.append(jnp.stack([jnp.sum(c) for c in comps]).reshape(shape))
+        return out
+
+    # -- inside the kernels
+
+    def field(self, t, y: tuple, diff: list, nondiff: list) -> tuple:
+        """The field on one tile: component tiles in, component tiles out."""
+        outs = _grid.evaluate(self.jaxpr, _scalar_grid(t), *self._grids(y, self.y_shapes),
+                              *self._arg_grids(diff, self.diff_shapes), *self._arg_grids(nondiff, self.nondiff_shapes))
+        shape = jnp.shape(y[0])
+        return tuple(_grid._entry(e, y[0].dtype, shape) for g in outs for e in g.reshape(-1))
+
+    def vjp(self, t, y: tuple, diff: list, nondiff: list, f_bar: tuple):
+        """(y_bar component tiles, per differentiable component cotangent): per lane [TB], or
+        summed over the tile for shared arguments."""
+        outs = _grid.evaluate(self.vjp_jaxpr, _scalar_grid(t), *self._grids(y, self.y_shapes),
+                              *self._arg_grids(diff, self.diff_shapes), *self._arg_grids(nondiff, self.nondiff_shapes),
+                              *self._grids(f_bar, self.y_shapes), where="the vector field's VJP")
+        shape = jnp.shape(y[0])
+        y_bar = tuple(_grid._entry(e, y[0].dtype, shape) for g in outs[: len(self.y_shapes)] for e in g.reshape(-1))
+        d_bar = []
+        for g, axis, x in zip(outs[len(self.y_shapes):], self.diff_axes, diff):
+            for e, like in zip(g.reshape(-1), x):
+                tile = _grid._entry(e, jnp.result_type(like), shape)
+                d_bar.append(tile if axis == 0 else jnp.sum(tile))
+        return y_bar, d_bar
+
     @staticmethod
-    def load_args(refs, axes, lanes):
-        return [r[lanes] if axis == 0 else r[...] for r, axis in zip(refs, axes)]
+    def _grids(comps, shapes):
+        out, i = [], 0
+        for shape in shapes:
+            n = math.prod(shape)
+            out.append(_grid.make_grid(list(comps[i: i + n]), shape))
+            i += n
+        return out
+
+    @staticmethod
+    def _arg_grids(leaves, shapes):
+        return [_grid.make_grid(list(comps), shape) for comps, shape in zip(leaves, shapes)]
+
+
+def _scalar_grid(t):
+    return _grid.make_grid([t], ())
+
+
+def _columns(x) -> list:
+    """[B, *shape] -> one [B] array per component (C order)."""
+    flat = x.reshape(x.shape[0], -1)
+    return [flat[:, j] for j in range(flat.shape[1])] if x.ndim > 1 else [x]
 
 
 def unsupported_reason(problem: TileProblem, y0: tuple, diff: list, nondiff: list, tdtype):
     """Why the kernels cannot run this field (a string), or None when they can."""
-    for i, leaf in enumerate(y0):
-        if leaf.ndim != 1:
-            return f"state leaf {i} has per-lane shape {leaf.shape[1:]}; the kernels take scalar leaves"
     if len({leaf.dtype for leaf in y0}) != 1:
         return "state leaves have different dtypes; the kernels store one tape dtype"
-    for kind, leaves, axes in (("differentiable", diff, problem.diff_axes), ("integer", nondiff, problem.nondiff_axes)):
-        for i, (leaf, axis) in enumerate(zip(leaves, axes)):
-            if (axis == 0 and leaf.ndim != 1) or (axis is None and leaf.ndim != 0):
-                return (f"{kind} argument {i} has shape {leaf.shape}; the kernels take scalars, "
-                        "one per lane or shared")
+    try:
+        tiles = problem.on_tiles(y0, diff, nondiff, tdtype)
+    except Exception as error:  # noqa: BLE001 - the jax backend will report it properly
+        return f"tracing the field failed ({type(error).__name__}: {error})"
+    if tiles.num_components > MAX_STATE_COMPONENTS:
+        return (f"one lane has {tiles.num_components} state components; the kernels take at most "
+                f"{MAX_STATE_COMPONENTS} (more would spill registers)")
+    # Evaluate both the field and its VJP on abstract 4-lane tiles: exactly what the kernels do.
     tile = 4
-    spec = lambda x, axis: jax.ShapeDtypeStruct((tile,) if axis == 0 else (), x.dtype)  # noqa: E731
-    jaxpr = jax.make_jaxpr(problem.field)(
-        jax.ShapeDtypeStruct((tile,), tdtype),
-        tuple(jax.ShapeDtypeStruct((tile,), y.dtype) for y in y0),
-        [spec(x, a) for x, a in zip(diff, problem.diff_axes)],
-        [spec(x, a) for x, a in zip(nondiff, problem.nondiff_axes)],
-    )
-    for name in sorted(_primitives(jaxpr.jaxpr)):
-        if name not in ELEMENTWISE:
-            return f"the vector field uses `{name}`, which the kernels do not lower"
+    y = tuple(jax.ShapeDtypeStruct((tile,), y0[0].dtype) for _ in range(tiles.num_components))
+    inputs, axes = tiles.arg_inputs(diff, nondiff)
+    args = [jax.ShapeDtypeStruct((tile,) if a == 0 else x.shape, x.dtype) for x, a in zip(inputs, axes)]
+
+    def run(t, y, args):
+        d, n = tiles.load_args([_Loaded(a, axis) for a, axis in zip(args, axes)], slice(None))
+        f = tiles.field(t, y, d, n)
+        return f, tiles.vjp(t, y, d, n, f)
+
+    try:
+        jax.eval_shape(run, jax.ShapeDtypeStruct((tile,), tdtype), y, args)
+    except _grid.Unsupported as error:
+        return f"the vector field uses {error}"
     return None
 
 
-def _primitives(jaxpr):
-    names = set()
-    for eqn in jaxpr.eqns:
-        names.add(eqn.primitive.name)
-        for sub in _sub_jaxprs(eqn):
-            names |= _primitives(sub)
-    return names
+class _Loaded:
+    """Stands in for a kernel ref when checking a field outside a kernel."""
+
+    def __init__(self, value, axis):
+        self.value, self.axis = value, axis
+
+    def __getitem__(self, index):
+        return self.value if self.axis == 0 or index is Ellipsis else self.value[index]
 
 
-def _sub_jaxprs(eqn):
-    for value in eqn.params.values():
-        inner = getattr(value, "jaxpr", value)
-        if hasattr(inner, "eqns"):
-            yield inner
-
-
-def pad_lanes(problem: TileProblem, padded: int, y0: tuple, diff: list, nondiff: list):
-    """Pad lanes to a whole number of tiles by repeating the last lane: padded lanes solve a
-    real problem (no NaN can reach shared reductions) and receive zero cotangents."""
-    extra = padded - y0[0].shape[0]
-
-    def pad(x):
-        return jnp.pad(x, (0, extra), mode="edge") if extra else x
-
-    return (
-        tuple(pad(y) for y in y0),
-        [pad(x) if a == 0 else x for x, a in zip(diff, problem.diff_axes)],
-        [pad(x) if a == 0 else x for x, a in zip(nondiff, problem.nondiff_axes)],
-    )
+def pad_lanes(padded: int, *arrays_and_axes):
+    """Pad per-lane [B] arrays to ``padded`` lanes by repeating the last lane: padded lanes
+    solve a real problem (no NaN can reach shared reductions) and receive zero cotangents.
+    Arguments come as (arrays, axes) pairs; shared (axis None) arrays pass through."""
+    out = []
+    for arrays, axes in arrays_and_axes:
+        out.append([jnp.pad(x, (0, padded - x.shape[0]), mode="edge") if a == 0 and padded > x.shape[0] else x
+                    for x, a in zip(arrays, axes)])
+    return out

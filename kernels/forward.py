@@ -50,7 +50,7 @@ class KernelTape(NamedTuple):
 
 
 class KernelForward(NamedTuple):
-    ys: tuple  # leaves [B, T]
+    ys: tuple  # leaves [B, T, *shape]
     num_accepted: jax.Array  # [B]
     num_rejected: jax.Array
     result: jax.Array
@@ -146,14 +146,17 @@ def forward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff:
     TB = launch.lane_tile
     Bp = _triton.padded_batch(B)
     num_tiles = Bp // TB
-    L = len(y0)
     T = times.ts.shape[0]
     R = config.tape_rows
     segments = _schedule.num_segments(config.rows, R)
     dtype = y0[0].dtype
     tdtype = times.t_start.dtype
-    y0p, diffp, nondiffp = pad_lanes(problem, Bp, y0, diff, nondiff)
-    inputs = [*y0p, *diffp, *nondiffp, times.ts, *time_scalars(times, config, dtype)]
+    tiles = problem.on_tiles(y0, diff, nondiff, tdtype)
+    components = tiles.components(y0)  # the kernels see one [B] array per state component
+    L = len(components)
+    arg_inputs, arg_axes = tiles.arg_inputs(diff, nondiff)
+    y0p, argsp = pad_lanes(Bp, (components, [0] * L), (arg_inputs, arg_axes))
+    inputs = [*y0p, *argsp, times.ts, *time_scalars(times, config, dtype)]
 
     out_shape = [jax.ShapeDtypeStruct((T, Bp), dtype) for _ in range(L)]
     out_shape += [jax.ShapeDtypeStruct((T, Bp), jnp.int32)]  # save_iter
@@ -172,8 +175,7 @@ def forward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff:
     def kernel(*refs):
         ins, outs = refs[: len(inputs)], refs[len(inputs):]
         y_refs, rest = ins[:L], ins[L:]
-        diff_refs, rest = rest[: len(diff)], rest[len(diff):]
-        nondiff_refs, rest = rest[: len(nondiff)], rest[len(nondiff):]
+        arg_refs, rest = rest[: len(argsp)], rest[len(argsp):]
         ts_ref, k = rest[0], Scalars.read(rest[1:])
         ys_refs, save_iter_ref = outs[:L], outs[L]
         acc_ref, rej_ref, result_ref, iters_ref = outs[L + 1: L + 5]
@@ -181,11 +183,10 @@ def forward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff:
 
         lanes = _triton.lane_slice(launch)
         y = tuple(r[lanes] for r in y_refs)
-        d_args = problem.load_args(diff_refs, problem.diff_axes, lanes)
-        n_args = problem.load_args(nondiff_refs, problem.nondiff_axes, lanes)
+        d_args, n_args = tiles.load_args(arg_refs, lanes)
 
         def field(t, state):  # internal (increasing) time in, the user's time to the field
-            return problem.field(k.direction * t, state, d_args, n_args)
+            return tiles.field(k.direction * t, state, d_args, n_args)
 
         def init_row(j, _):
             for r in ys_refs:
@@ -245,7 +246,7 @@ def forward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff:
 
     out = _triton.call(kernel, inputs, out_shape, launch, num_tiles=num_tiles, interpret=interpret,
                        name="fusedrk_forward")
-    ys = tuple(o[:, :B].T for o in out[:L])
+    ys = tiles.join([o[:, :B].T for o in out[:L]], (B, T))
     save_iter, acc, rej, result, iters = out[L: L + 5]
     tape = KernelTape(*out[L + 5:]) if with_tape else None
     return KernelForward(ys, acc[:B], rej[:B], result[:B], save_iter, iters, tape)

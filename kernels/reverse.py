@@ -18,6 +18,8 @@ Must not: contain step algebra or Triton specifics beyond loads and stores.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -39,21 +41,28 @@ def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff
     TB = launch.lane_tile
     num_tiles = fwd.iterations.shape[0]
     Bp = num_tiles * TB
-    L = len(y0)
     T = times.ts.shape[0]
     R = config.tape_rows
     dtype = y0[0].dtype
-    y0p, diffp, nondiffp = pad_lanes(problem, Bp, y0, diff, nondiff)
-    ys_bar_rows = [jnp.pad(g.T, ((0, 0), (0, Bp - B))) for g in ys_bar]  # [T, Bp], zero padded
+    tiles = problem.on_tiles(y0, diff, nondiff, times.t_start.dtype)
+    components = tiles.components(y0)
+    L = len(components)
+    arg_inputs, arg_axes = tiles.arg_inputs(diff, nondiff)
+    y0p, argsp = pad_lanes(Bp, (components, [0] * L), (arg_inputs, arg_axes))
+    # Cotangents of the outputs, one [T, Bp] row block per state component, zero padded.
+    ys_bar_rows = [jnp.pad(g.reshape(B, T, -1)[:, :, j].T, ((0, 0), (0, Bp - B)))
+                   for g in ys_bar for j in range(math.prod(g.shape[2:]))]
     # The ring comes first: it is also an output (aliased), rewritten by each segment's replay.
     inputs = [*fwd.tape.ring, *fwd.tape.checkpoints, fwd.save_iter, fwd.iterations, *ys_bar_rows, *y0p,
-              *diffp, *nondiffp, times.ts, *time_scalars(times, config, dtype)]
-    n_diff = len(diff)
+              *argsp, times.ts, *time_scalars(times, config, dtype)]
+    # One cotangent output per differentiable component: [Bp] per lane, [tiles] partial sums
+    # when shared (reduced outside).
+    per_lane = tiles.diff_cotangent_shapes()
+    n_diff = len(per_lane)
+    diff_dtypes = [x.dtype for x, a in zip(diff, problem.diff_axes)
+                   for _ in range(math.prod(x.shape[1:] if a == 0 else x.shape))]
     out_shape = [jax.ShapeDtypeStruct((Bp,), dtype) for _ in range(L)]
-    out_shape += [
-        jax.ShapeDtypeStruct((Bp,) if axis == 0 else (num_tiles,), x.dtype)
-        for x, axis in zip(diff, problem.diff_axes)
-    ]
+    out_shape += [jax.ShapeDtypeStruct((Bp,) if lane else (num_tiles,), d) for lane, d in zip(per_lane, diff_dtypes)]
     ring_outputs = range(len(out_shape), len(out_shape) + 3)
     out_shape += [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in fwd.tape.ring]
 
@@ -63,8 +72,7 @@ def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff
         save_iter_ref, iters_ref, rest = rest[0], rest[1], rest[2:]
         ys_bar_refs, rest = rest[:L], rest[L:]
         y_refs, rest = rest[:L], rest[L:]
-        diff_refs, rest = rest[:n_diff], rest[n_diff:]
-        nondiff_refs, rest = rest[: len(nondiff)], rest[len(nondiff):]
+        arg_refs, rest = rest[: len(argsp)], rest[len(argsp):]
         ts_ref, k = rest[0], Scalars.read(rest[1:])
         y_bar_refs, args_bar_refs = outs[:L], outs[L: L + n_diff]
         ring_refs = outs[L + n_diff:]  # read and written through the outputs (the same buffers)
@@ -72,22 +80,20 @@ def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff
 
         lanes = _triton.lane_slice(launch)
         y_init = tuple(r[lanes] for r in y_refs)
-        d_args = problem.load_args(diff_refs, problem.diff_axes, lanes)
-        n_args = problem.load_args(nondiff_refs, problem.nondiff_axes, lanes)
+        d_args, n_args = tiles.load_args(arg_refs, lanes)
 
         def field(t, y):
-            return problem.field(k.direction * t, y, d_args, n_args)
+            return tiles.field(k.direction * t, y, d_args, n_args)
 
         def field_vjp(t, y, f_bar):
-            _, pull = jax.vjp(lambda y_, d_: problem.field(k.direction * t, y_, d_, n_args), y, d_args)
-            return pull(f_bar)
+            return tiles.vjp(k.direction * t, y, d_args, n_args, f_bar)
 
         zeros = tuple(jnp.zeros((TB,), dtype) for _ in range(L))
         if config.save_ts:
             y_bar = zeros
         else:
             y_bar = tuple(r[jnp.int32(0), lanes] for r in ys_bar_refs)
-        args_bar = [jnp.zeros_like(x) for x in d_args]
+        args_bar = [jnp.zeros((TB,) if lane else (), d) for lane, d in zip(per_lane, diff_dtypes)]
 
         def inject(n, tprev, tnext, top):
             """Cotangents of outputs saved in iteration n (rows are shared by the tile).
@@ -171,14 +177,14 @@ def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff
             y_bar = lax.fori_loop(jnp.int32(0), _triton.count_if(k.t_start == k.t_end, T), add_row, y_bar)
         for r, g in zip(y_bar_refs, y_bar):
             r[lanes] = g
-        for r, g, axis in zip(args_bar_refs, args_bar, problem.diff_axes):
-            if axis == 0:
+        for r, g, lane in zip(args_bar_refs, args_bar, per_lane):
+            if lane:
                 r[lanes] = g
             else:
                 r[_triton.program_index()] = g
 
     out = _triton.call(kernel, inputs, out_shape, launch, num_tiles=num_tiles, interpret=interpret,
                        name="fusedrk_reverse", aliases=dict(zip(range(3), ring_outputs)))
-    y0_bar = tuple(o[:B] for o in out[:L])
-    diff_bar = [o[:B] if axis == 0 else jnp.sum(o) for o, axis in zip(out[L: L + n_diff], problem.diff_axes)]
+    y0_bar = tiles.join([o[:B] for o in out[:L]], (B,))
+    diff_bar = tiles.join_diff_cotangents(out[L: L + n_diff], B)
     return y0_bar, diff_bar

@@ -167,21 +167,6 @@ def test_padded_lanes_cannot_poison_shared_cotangents(x64):
     assert_tree_close(ours, ref, rtol=1e-12)
 
 
-def test_unsupported_fields_name_the_jax_backend():
-    p = problems.LINEAR
-    y0, args = p.make(3, jnp.float32)
-    with pytest.raises(ValueError, match=r'per-lane shape \(4,\).*backend="jax"'):
-        fusedrk.solve(p.field, y0, p.t0, p.t1, args=args, args_axes=p.args_axes, dt0=0.1,
-                      backend="pallas", interpret=True)
-    def coupled(t, y, a):  # scalar leaves, but the field mixes them through an array op
-        total = jnp.sum(jnp.stack(y))
-        return tuple(-a * total * leaf for leaf in y)
-
-    with pytest.raises(ValueError, match=r"uses `(concatenate|reduce_sum|broadcast_in_dim)`.*backend=\"jax\""):
-        fusedrk.solve(coupled, (jnp.ones(2), jnp.ones(2)), 0.0, 1.0, args=jnp.asarray(0.5), dt0=0.1,
-                      backend="pallas", interpret=True)
-
-
 def test_auto_chooses_jax_without_a_gpu():
     if HAS_GPU:
         pytest.skip("a GPU is present")

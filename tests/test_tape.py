@@ -97,7 +97,7 @@ def test_values_and_gradients_do_not_depend_on_tape_rows(x64, case, backend):
 def test_the_backward_replays_each_iteration_at_most_once(x64, monkeypatch, backend, adaptive):
     # Field evaluations, counted by a host callback (B = 1: one callback per evaluation). The
     # kernels do not lower host callbacks on a GPU; in interpret mode they run, so let one in.
-    monkeypatch.setattr(kernels._problem, "ELEMENTWISE", kernels._problem.ELEMENTWISE | {"debug_callback"})
+    monkeypatch.setattr(kernels._grid, "PASSTHROUGH", kernels._grid.PASSTHROUGH | {"debug_callback"})
     counted = CountedField()
     y0, k = jnp.ones(1), jnp.full((1,), 0.5)
     tol = dict(rtol=1e-6, atol=1e-8) if adaptive else {}
