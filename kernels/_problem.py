@@ -19,9 +19,10 @@ import jax.numpy as jnp
 
 from . import _grid
 
-# The most state components one lane may have in the kernels. Every component costs ~9 live
-# values per lane in the forward loop (state, FSAL derivative, seven stages) and more in the
-# reverse; past this the deviceless H100 compile of the catalogue spills (bench/README.md).
+# The most state components one lane may have in the kernels. Every component keeps ~9 values
+# per lane live in the forward loop (state, FSAL derivative, seven stages) and more in the
+# reverse. Provisional: not yet chosen from the deviceless compile's register and spill counts
+# of the catalogue (tests/test_catalogue.py), which is still to be run.
 MAX_STATE_COMPONENTS = 64
 
 
