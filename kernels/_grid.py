@@ -155,8 +155,6 @@ def _eval_eqn(eqn, ins, where):
         return [_reduce(_FOLD[name], ins[0], eqn.params["axes"], eqn.invars[0].aval.dtype)]
     if name == "dot_general":
         return [_dot_general(eqn, ins)]
-    if name in ("gather", "scatter", "dynamic_slice", "dynamic_update_slice"):
-        raise Unsupported(f"`{name}` with indices computed from the state (data-dependent indexing)")
     raise Unsupported(f"`{name}`, which the kernels do not lower")
 
 
