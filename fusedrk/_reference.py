@@ -314,8 +314,9 @@ def backward(config: Config, field, field_vjp, times: Times, y0: tuple, fwd: For
              args_bar):
     """The reverse sweep over every iteration the forward ran. Returns (y0_bar, args_bar).
 
-    Iterations are visited in ``_schedule.reverse_loop``'s order: the last segment from the
-    ring, each earlier one after re-running it from its checkpoint with ``field``.
+    Iterations are visited in ``_schedule.reverse_loop``'s order: the last R iterations from
+    the ring, the earlier ones segment by segment after re-running them from a checkpoint
+    with ``field``.
     ``field_vjp(t [B], y, f_bar) -> (y_bar, args_bar)``; ``args_bar`` comes in as zeros shaped
     like the differentiable arguments and accumulates every stage's contribution.
     """

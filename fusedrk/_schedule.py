@@ -4,11 +4,12 @@ reverse order of a sweep with at most one replay per iteration.
 A solve's loop iterations n = 0, 1, ... are cut into segments of R = ``tape_rows`` iterations.
 Iteration n writes tape row ``n - segment_start`` (= n mod R) of a ring of R rows, and every
 segment begins by storing a checkpoint of the loop carry (state, FSAL derivative, times,
-result code). The reverse pass sweeps the last segment straight from the ring; then, for each
-earlier segment from the last to the first, it restores the segment's checkpoint, re-runs its
-R iterations into the ring and sweeps them. So a solve of N iterations replays nothing when
-N <= R, and otherwise replays each iteration outside the last segment exactly once. Memory:
-R tape rows plus ceil(rows / R) checkpoints.
+result code). When the loop ends, the ring holds its last R iterations, and the reverse pass
+sweeps them straight from it; then, for the segments before them, from the latest to the
+first, it restores the segment's checkpoint, re-runs the segment's iterations not yet swept
+into the ring and sweeps them. So a solve of N iterations replays nothing when N <= R, and
+otherwise replays each of its first N - R iterations exactly once. Memory: R tape rows plus
+ceil(rows / R) checkpoints.
 
 Owns: the iteration order of the forward loop with checkpoints and of the reverse sweep, the
 count of replayed iterations, and the rule that picks R when the user does not.
@@ -37,9 +38,8 @@ def num_segments(num_iters, tape_rows: int):
 
 
 def replayed_iterations(num_iters, tape_rows: int):
-    """Iterations a reverse pass re-runs: every one outside the last segment, once."""
-    segments = num_segments(num_iters, tape_rows)
-    return jnp.maximum(segments - 1, 0) * tape_rows
+    """Iterations a reverse pass re-runs: every one before the last ``tape_rows``, once."""
+    return jnp.maximum(num_iters - tape_rows, 0)
 
 
 def forward_loop(carry, *, rows: int, tape_rows, keep_going: Callable, step: Callable,
@@ -83,19 +83,30 @@ def forward_loop(carry, *, rows: int, tape_rows, keep_going: Callable, step: Cal
 def reverse_loop(num_iters, tape_rows: int, carry, *, replay: Callable, sweep: Callable):
     """Visit iterations n = num_iters - 1 .. 0 with ``carry = sweep(carry, n, row)``.
 
-    The last segment's rows are in the ring already. Before each earlier segment s is swept,
-    ``carry = replay(carry, s, start, count)`` must restore checkpoint s and re-run ``count``
-    iterations (n = start .. start + count - 1) into ring rows 0 .. count - 1; count is 0 for
-    the last segment and ``tape_rows`` for the others.
+    After the forward loop the ring holds the last R iterations (iteration n in row n mod R,
+    whichever segment it belongs to): they are swept first, straight from the ring. The
+    iterations before them are swept segment by segment, from the latest: before segment s
+    is swept, ``carry = replay(carry, s, start, count)`` must restore checkpoint s and re-run
+    ``count`` iterations (n = start .. start + count - 1) into ring rows 0 .. count - 1. Only
+    the first of these replays may stop short of a whole segment; together they re-run
+    ``replayed_iterations(num_iters, tape_rows)`` iterations.
     """
+    R = tape_rows
     num_iters = jnp.asarray(num_iters, jnp.int32)
-    last = num_segments(num_iters, tape_rows) - 1
+    first_in_ring = jnp.maximum(num_iters - R, 0)
+
+    def from_ring(i, c):
+        n = num_iters - 1 - i
+        return sweep(c, n, n % R)
+
+    carry = lax.fori_loop(jnp.int32(0), num_iters - first_in_ring, from_ring, carry)
+    replayed_segments = num_segments(first_in_ring, R)
 
     def segment(j, c):
-        s = last - j
-        start = s * tape_rows
-        stop = jnp.minimum(start + tape_rows, num_iters)
-        c = replay(c, s, start, jnp.where(j > 0, jnp.int32(tape_rows), jnp.int32(0)))
+        s = replayed_segments - 1 - j
+        start = s * R
+        stop = jnp.minimum(start + R, first_in_ring)
+        c = replay(c, s, start, stop - start)
 
         def one(i, c):
             n = stop - 1 - i
@@ -103,7 +114,7 @@ def reverse_loop(num_iters, tape_rows: int, carry, *, replay: Callable, sweep: C
 
         return lax.fori_loop(jnp.int32(0), stop - start, one, c)
 
-    return lax.fori_loop(jnp.int32(0), last + 1, segment, carry)
+    return lax.fori_loop(jnp.int32(0), replayed_segments, segment, carry)
 
 
 def choose_tape_rows(tape_rows, *, rows: int, known_fixed: bool, row_bytes: int, checkpoint_bytes: int,

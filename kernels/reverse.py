@@ -1,8 +1,8 @@
 """The fused reverse kernel: one backwards walk over a tile's tape, no step re-run.
 
 Owns: looping and memory movement of the backward pass on a GPU. Each program walks its
-tile's iterations n = N-1 .. 0 in ``fusedrk._schedule.reverse_loop``'s order (the last segment
-from the ring; each earlier one after re-running it once from its checkpoint into the ring),
+tile's iterations n = N-1 .. 0 in ``fusedrk._schedule.reverse_loop``'s order (the last R iterations
+from the ring; each earlier one after re-running it once from a checkpoint into the ring),
 injects the cotangents of outputs saved in iteration n, and calls
 ``fusedrk._step.tsit5_step_vjp`` on the stored start state and increments (masked to accepted
 steps). Outputs: cotangents of y0, of per-lane arguments ([B]) and per-tile partial

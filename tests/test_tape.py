@@ -1,9 +1,9 @@
 """The tape ring and its segment checkpoints (fusedrk/_schedule.py).
 
 A solve of N iterations with a ring of R = tape_rows rows is differentiated by sweeping the
-last segment from the ring and re-running each earlier segment once from its checkpoint. So
-the values and gradients must not depend on R at all, the reverse pass must replay exactly
-the iterations outside the last segment (none when N <= R), and the memory the compiled
+last R iterations from the ring and re-running the earlier ones once from their segments'
+checkpoints. So the values and gradients must not depend on R at all, the reverse pass must
+replay exactly the first N - R iterations (none when N <= R), and the memory the compiled
 gradient takes must stop growing with max_steps once the ring fills its budget.
 """
 
@@ -118,8 +118,8 @@ def test_the_backward_replays_each_iteration_at_most_once(x64, monkeypatch, back
         if R >= N:
             assert replayed == 0, R
         else:
-            # Every iteration outside the last segment, once.
-            assert replayed == (-(-N // R) - 1) * R, (R, replayed)
+            # Every iteration before the last R, once.
+            assert replayed == N - R, (R, replayed)
             assert replayed < N
         stats = fusedrk.solve(counted, y0, 0.0, 2.0, tape_rows=R, **kw).stats
         assert int(stats["num_replayed_iterations"][0]) == replayed
