@@ -76,6 +76,7 @@ class Forward(NamedTuple):
     save_iter: jax.Array  # [B, T]: iteration that produced each save, -1 if none
     num_iters: jax.Array  # scalar: iterations the loop ran
     tape: Optional[Tape]
+    t_final: jax.Array  # [B]: internal time each lane reached
 
 
 class _Limits(NamedTuple):
@@ -233,6 +234,7 @@ def forward(config: Config, field, times: Times, y0: tuple, *, with_tape: bool) 
         save_iter=c["save_iter"],
         num_iters=num_iters,
         tape=c.get("tape"),
+        t_final=jnp.broadcast_to(c["tprev"], (B,)),
     )
 
 

@@ -18,6 +18,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 from . import _reference, _schedule, _step
@@ -46,12 +47,15 @@ class Solution(eqx.Module):
     lane's loop (the whole batch on backend "jax", its lane tile in the kernels) that a reverse
     pass re-runs because the tape ring holds fewer (0 when the solve fits ``tape_rows``).
     result: int [B], codes in ``fusedrk.RESULTS``.
+    t_final: [B] the time each lane reached: t1 where it succeeded, where it stopped
+    otherwise (the last accepted step's end when max_steps ran out). It carries no gradient.
     """
 
     ts: jax.Array
     ys: Any
     stats: dict
     result: jax.Array
+    t_final: jax.Array
 
 
 class _ArgsLayout(NamedTuple):
@@ -177,10 +181,11 @@ def solve(
     plan = tape_plan(y_flat, tdtype, rows=rows, backend=backend, adaptive=adaptive,
                      known_fixed=num_steps is not None, tape_rows=tape_rows)
     config = _reference.Config(adaptive=adaptive, save_ts=ts is not None, rows=rows, tape_rows=plan.rows)
-    core = _make_core(lane_fn, layout, config, plan, choose_dt0=dt0 is None, backend=backend, interpret=interpret)
+    core = _make_core(lane_fn, layout, config, plan, choose_dt0=dt0 is None, backend=backend, interpret=interpret,
+                      throw=throw)
 
     zero_t = jnp.zeros((), tdtype)
-    ys_flat, num_accepted, num_rejected, result, num_replayed = core(
+    ys_flat, num_accepted, num_rejected, result, num_replayed, t_final = core(
         y_flat,
         diff_args,
         nondiff_args,
@@ -192,16 +197,7 @@ def solve(
         zero_t if atol is None else atol,
     )
     if throw:
-        messages = [RESULTS.messages[code] for code in sorted(RESULTS.messages)]
-        failed = jnp.any(result != RESULTS.successful)
-        which = jnp.maximum(jnp.max(result) - 1, 0)
-        ys_flat = eqx.branched_error_if(
-            ys_flat,
-            failed,
-            which,
-            [f"fusedrk.solve: a lane failed: {m} (pass throw=False to get per-lane codes in "
-             "Solution.result instead)" for m in messages],
-        )
+        ys_flat = _raise_if_failed(ys_flat, result)
     stats = {
         "num_steps": num_accepted + num_rejected,
         "num_accepted_steps": num_accepted,
@@ -213,6 +209,32 @@ def solve(
         ys=jax.tree_util.tree_unflatten(y_treedef, list(ys_flat)),
         stats=stats,
         result=result,
+        t_final=lax.stop_gradient(t_final),
+    )
+
+
+def _failure_message(code: int) -> str:
+    return (f"fusedrk.solve: a lane failed: {RESULTS.messages[code]} (pass throw=False to get "
+            "per-lane codes in Solution.result instead)")
+
+
+def _raise_if_failed(x, result):
+    """x, or an error when some lane's result code is not success (``throw=True``).
+
+    Called eagerly (concrete codes) this raises here, in Python, so the traceback names the
+    failing call; equinox's check, which is compiled once and cached, would name the line of
+    the first call that traced it. Traced, the check is an equinox runtime error tied to x."""
+    if not isinstance(result, jax.core.Tracer):
+        codes = np.asarray(result)
+        if np.any(codes != RESULTS.successful):
+            raise eqx.EquinoxRuntimeError(_failure_message(int(np.max(codes))))
+        return x
+    codes = sorted(RESULTS.messages)
+    return eqx.branched_error_if(
+        x,
+        jnp.any(result != RESULTS.successful),
+        jnp.maximum(jnp.max(result) - codes[0], 0),
+        [_failure_message(code) for code in codes],
     )
 
 
@@ -556,8 +578,12 @@ def _check_pallas_device(backend: str, interpret: bool) -> None:
 
 
 def _make_core(lane_fn, layout: _ArgsLayout, config, plan: TapePlan, *, choose_dt0: bool, backend: str,
-               interpret: bool):
-    """Build the differentiable core for one call: (y0, args, times) -> outputs."""
+               interpret: bool, throw: bool):
+    """Build the differentiable core for one call: (y0, args, times) -> outputs.
+
+    With ``throw``, the backward checks the forward's result codes as well: under
+    ``jax.jit(jax.grad(...))`` the forward's outputs are unused, so XLA removes the check on
+    them, and a failed lane would otherwise give a silent gradient."""
 
     def lane_field(direction):
         def batched(t, y, diff, nondiff):
@@ -593,7 +619,7 @@ def _make_core(lane_fn, layout: _ArgsLayout, config, plan: TapePlan, *, choose_d
         field = lambda t, y: batched(t, y, diff, nondiff)  # noqa: E731
         return _reference.forward(config, field, times, tuple(y0), with_tape=with_tape)
 
-    def outputs(fwd):
+    def outputs(fwd, t0, t1):
         B = fwd.result.shape[0]
         if backend == "pallas":  # iterations run per lane tile
             from fusedrk.kernels import _triton
@@ -602,11 +628,13 @@ def _make_core(lane_fn, layout: _ArgsLayout, config, plan: TapePlan, *, choose_d
         else:  # one loop for the whole batch
             iters = jnp.broadcast_to(fwd.num_iters, (B,))
         replayed = _schedule.replayed_iterations(iters, config.tape_rows).astype(jnp.int32)
-        return fwd.ys, fwd.num_accepted, fwd.num_rejected, fwd.result, replayed
+        # The user's time each lane reached (internal times run forwards).
+        t_final = fwd.t_final * jnp.where(t0 < t1, 1, -1).astype(fwd.t_final.dtype)
+        return fwd.ys, fwd.num_accepted, fwd.num_rejected, fwd.result, replayed, t_final
 
     @jax.custom_vjp
     def core(y0, diff, nondiff, t0, t1, dt0, ts, rtol, atol):
-        return outputs(run(y0, diff, nondiff, t0, t1, dt0, ts, rtol, atol, with_tape=False))
+        return outputs(run(y0, diff, nondiff, t0, t1, dt0, ts, rtol, atol, with_tape=False), t0, t1)
 
     def core_fwd(y0, diff, nondiff, t0, t1, dt0, ts, rtol, atol):
         for name, primal in (("t0", t0), ("t1", t1), ("dt0", dt0), ("ts", ts)):
@@ -622,17 +650,22 @@ def _make_core(lane_fn, layout: _ArgsLayout, config, plan: TapePlan, *, choose_d
         )
         _check_tape_fits(plan, config.rows, values[0][0].shape[0])
         fwd = run(*values, with_tape=True)
-        return outputs(fwd), (values, fwd)
+        return outputs(fwd, values[3], values[4]), (values, fwd)
 
     def core_bwd(residuals, cts):
+        y_bar, args_bar = backward(residuals, cts)
+        if throw:
+            y_bar = _raise_if_failed(y_bar, residuals[1].result)
+        return (tuple(y_bar), args_bar, [None] * len(residuals[0][2]), None, None, None, None, None, None)
+
+    def backward(residuals, cts):
         values, fwd = residuals
         y0, diff, nondiff, t0, t1, dt0, ts, rtol, atol = values
         ys_bar = tuple(_instantiate(ct, y) for ct, y in zip(cts[0], fwd.ys))
         times = internal_times(t0, t1, dt0, ts, rtol, atol)
         if backend == "pallas":
-            y_bar, args_bar = kernels.backward(config, tile, times, tuple(y0), diff, nondiff, fwd, ys_bar,
-                                               interpret=interpret)
-            return (tuple(y_bar), args_bar, [None] * len(nondiff), None, None, None, None, None, None)
+            return kernels.backward(config, tile, times, tuple(y0), diff, nondiff, fwd, ys_bar,
+                                    interpret=interpret)
         batched = lane_field(times.direction)
 
         def field_vjp(t, y, f_bar):
@@ -641,10 +674,7 @@ def _make_core(lane_fn, layout: _ArgsLayout, config, plan: TapePlan, *, choose_d
 
         args_zero = [jnp.zeros_like(x) for x in diff]
         field = lambda t, y: batched(t, y, diff, nondiff)  # noqa: E731
-        y_bar, args_bar = _reference.backward(config, field, field_vjp, times, tuple(y0), fwd, ys_bar,
-                                              args_zero)
-        nondiff_bar = [None] * len(nondiff)
-        return (tuple(y_bar), args_bar, nondiff_bar, None, None, None, None, None, None)
+        return _reference.backward(config, field, field_vjp, times, tuple(y0), fwd, ys_bar, args_zero)
 
     core.defvjp(core_fwd, core_bwd, symbolic_zeros=True)
     return core

@@ -57,6 +57,7 @@ class KernelForward(NamedTuple):
     save_iter: jax.Array  # [T, Bp]: iteration of each save, NEVER_SAVED if none
     iterations: jax.Array  # [num_tiles]: iterations each tile ran
     tape: Optional[KernelTape]
+    t_final: jax.Array  # [B]: internal time each lane reached
 
 
 class Scalars(NamedTuple):
@@ -162,6 +163,7 @@ def forward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff:
     out_shape += [jax.ShapeDtypeStruct((T, Bp), jnp.int32)]  # save_iter
     out_shape += [jax.ShapeDtypeStruct((Bp,), jnp.int32) for _ in range(3)]  # accepted, rejected, result
     out_shape += [jax.ShapeDtypeStruct((num_tiles,), jnp.int32)]  # iterations per tile
+    out_shape += [jax.ShapeDtypeStruct((Bp,), tdtype)]  # time each lane reached
     if with_tape:
         out_shape += [
             jax.ShapeDtypeStruct((R, (1 + TAPE_STAGES) * L, Bp), dtype),
@@ -178,8 +180,8 @@ def forward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff:
         arg_refs, rest = rest[: len(argsp)], rest[len(argsp):]
         ts_ref, k = rest[0], Scalars.read(rest[1:])
         ys_refs, save_iter_ref = outs[:L], outs[L]
-        acc_ref, rej_ref, result_ref, iters_ref = outs[L + 1: L + 5]
-        ring_refs, checkpoint_refs = outs[L + 5: L + 8], outs[L + 8:]
+        acc_ref, rej_ref, result_ref, iters_ref, t_final_ref = outs[L + 1: L + 6]
+        ring_refs, checkpoint_refs = outs[L + 6: L + 9], outs[L + 9:]
 
         lanes = _triton.lane_slice(launch)
         y = tuple(r[lanes] for r in y_refs)
@@ -242,14 +244,15 @@ def forward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff:
         acc_ref[lanes] = acc
         rej_ref[lanes] = rej
         result_ref[lanes] = result
+        t_final_ref[lanes] = tprev
         iters_ref[_triton.program_index()] = n
 
     out = _triton.call(kernel, inputs, out_shape, launch, num_tiles=num_tiles, interpret=interpret,
                        name="fusedrk_forward")
     ys = tiles.join([o[:, :B].T for o in out[:L]], (B, T))
-    save_iter, acc, rej, result, iters = out[L: L + 5]
-    tape = KernelTape(*out[L + 5:]) if with_tape else None
-    return KernelForward(ys, acc[:B], rej[:B], result[:B], save_iter, iters, tape)
+    save_iter, acc, rej, result, iters, t_final = out[L: L + 6]
+    tape = KernelTape(*out[L + 6:]) if with_tape else None
+    return KernelForward(ys, acc[:B], rej[:B], result[:B], save_iter, iters, tape, t_final[:B])
 
 
 def _save_rows(ts_ref, ys_refs, save_iter_ref, lanes, T, n, accept, tprev, tnext, y, ks, save_index,
