@@ -11,6 +11,7 @@ Must not: contain step algebra (``_step.py``) or loops over steps (``_reference.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -19,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
+from jax.custom_derivatives import SymbolicZero
 
-from . import _reference, _schedule, _step
+from . import _reference, _schedule, _shard, _step
 from ._reference import TAPE_STAGES
 
 
@@ -104,6 +105,7 @@ def solve(
     throw: bool = True,
     backend: str = "auto",
     interpret: bool = False,
+    sharding=None,
 ) -> Solution:
     """Integrate a batch of ODEs with Tsit5; equal to ``jax.vmap(diffrax.diffeqsolve)``.
 
@@ -178,23 +180,28 @@ def solve(
     lane_fn = _lane_function(vector_field, y_treedef, layout)
     backend = _choose_backend(backend, lane_fn, layout, y_flat, diff_args, nondiff_args, tdtype)
     _check_pallas_device(backend, interpret)
-    plan = tape_plan(y_flat, tdtype, rows=rows, backend=backend, adaptive=adaptive,
+    _shard.check_sharding_argument(sharding)
+    split = _shard.batch_sharding(y_flat[0], sharding)
+    # Each device keeps the tape of its own lanes: the plan is per device.
+    per_device = B if split is None else -(-B // split.devices)
+    plan = tape_plan(tuple(jax.ShapeDtypeStruct((per_device,) + y.shape[1:], y.dtype) for y in y_flat),
+                     tdtype, rows=rows, backend=backend, adaptive=adaptive,
                      known_fixed=num_steps is not None, tape_rows=tape_rows)
     config = _reference.Config(adaptive=adaptive, save_ts=ts is not None, rows=rows, tape_rows=plan.rows)
     core = _make_core(lane_fn, layout, config, plan, choose_dt0=dt0 is None, backend=backend, interpret=interpret,
                       throw=throw)
+    if split is not None:
+        core = _shard.sharded(core, split, B, per_lane=(
+            True, [a == 0 for a in layout.diff_axes], [a == 0 for a in layout.nondiff_axes],
+            False, False, False, False, False, False))
 
     zero_t = jnp.zeros((), tdtype)
+    times = dict(t0=t0, t1=t1, dt0=zero_t if dt0 is None else dt0, ts=jnp.zeros((1,), tdtype) if ts is None else ts,
+                 rtol=zero_t if rtol is None else rtol, atol=zero_t if atol is None else atol)
+    times = {name: _not_differentiated(value, name) for name, value in times.items()}
     ys_flat, num_accepted, num_rejected, result, num_replayed, t_final = core(
-        y_flat,
-        diff_args,
-        nondiff_args,
-        t0,
-        t1,
-        zero_t if dt0 is None else dt0,
-        jnp.zeros((1,), tdtype) if ts is None else ts,
-        zero_t if rtol is None else rtol,
-        zero_t if atol is None else atol,
+        y_flat, diff_args, nondiff_args, times["t0"], times["t1"], times["dt0"], times["ts"], times["rtol"],
+        times["atol"],
     )
     if throw:
         ys_flat = _raise_if_failed(ys_flat, result)
@@ -530,8 +537,19 @@ def _size(num_bytes: int) -> str:
     return f"{num_bytes} B"
 
 
-def _instantiate(ct, like):
-    return jnp.zeros(like.shape, like.dtype) if isinstance(ct, SymbolicZero) else ct
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _not_differentiated(x, name: str):
+    """x; differentiating through it raises (the times and tolerances of a solve)."""
+    return x
+
+
+@functools.partial(_not_differentiated.defjvp, symbolic_zeros=True)
+def _not_differentiated_jvp(name, primals, tangents):
+    (x,), (dx,) = primals, tangents
+    if not isinstance(dx, SymbolicZero):
+        raise ValueError(f"fusedrk.solve is not differentiable with respect to {name}: gradients "
+                         "flow to y0 and to floating-point leaves of args only")
+    return x, dx
 
 
 def _lane_function(vector_field, y_treedef, layout: _ArgsLayout):
@@ -637,17 +655,7 @@ def _make_core(lane_fn, layout: _ArgsLayout, config, plan: TapePlan, *, choose_d
         return outputs(run(y0, diff, nondiff, t0, t1, dt0, ts, rtol, atol, with_tape=False), t0, t1)
 
     def core_fwd(y0, diff, nondiff, t0, t1, dt0, ts, rtol, atol):
-        for name, primal in (("t0", t0), ("t1", t1), ("dt0", dt0), ("ts", ts)):
-            if primal.perturbed:  # symbolic_zeros=True wraps each leaf with this flag
-                raise ValueError(
-                    f"fusedrk.solve is not differentiable with respect to {name}: gradients "
-                    "flow to y0 and to floating-point leaves of args only"
-                )
-        values = jax.tree_util.tree_map(
-            lambda p: p.value,
-            [y0, diff, nondiff, t0, t1, dt0, ts, rtol, atol],
-            is_leaf=lambda p: isinstance(p, CustomVJPPrimal),
-        )
+        values = [y0, diff, nondiff, t0, t1, dt0, ts, rtol, atol]
         _check_tape_fits(plan, config.rows, values[0][0].shape[0])
         fwd = run(*values, with_tape=True)
         return outputs(fwd, values[3], values[4]), (values, fwd)
@@ -661,7 +669,7 @@ def _make_core(lane_fn, layout: _ArgsLayout, config, plan: TapePlan, *, choose_d
     def backward(residuals, cts):
         values, fwd = residuals
         y0, diff, nondiff, t0, t1, dt0, ts, rtol, atol = values
-        ys_bar = tuple(_instantiate(ct, y) for ct, y in zip(cts[0], fwd.ys))
+        ys_bar = tuple(cts[0])
         times = internal_times(t0, t1, dt0, ts, rtol, atol)
         if backend == "pallas":
             return kernels.backward(config, tile, times, tuple(y0), diff, nondiff, fwd, ys_bar,
@@ -676,5 +684,7 @@ def _make_core(lane_fn, layout: _ArgsLayout, config, plan: TapePlan, *, choose_d
         field = lambda t, y: batched(t, y, diff, nondiff)  # noqa: E731
         return _reference.backward(config, field, field_vjp, times, tuple(y0), fwd, ys_bar, args_zero)
 
-    core.defvjp(core_fwd, core_bwd, symbolic_zeros=True)
+    # Without symbolic zeros: JAX does not take them inside shard_map (several devices), and
+    # solve keeps the times out of differentiation itself (``_not_differentiated``).
+    core.defvjp(core_fwd, core_bwd)
     return core

@@ -1,0 +1,16 @@
+"""Several devices (fusedrk/_shard.py): tests/sharded_check.py on 4 host devices, in a
+subprocess so that this process keeps its one device."""
+
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_sharded_solves_equal_the_unsharded_ones():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, os.path.join(HERE, "sharded_check.py")], env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "all sharded solves equal the unsharded ones" in done.stdout
