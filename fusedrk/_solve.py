@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
 
 from . import _reference, _schedule, _step
 from ._reference import TAPE_STAGES
@@ -109,7 +111,9 @@ def solve(
     (diffrax ConstantStepSize); otherwise diffrax's PIDController(rtol, atol) with its
     defaults, and ``dt0=None`` picks the first step as diffrax does. ``ts``: shared save times
     (dense output); None saves y(t1) only. ``t1 < t0`` integrates backwards (``dt0 < 0``).
-    Differentiable (reverse mode) with respect to ``y0`` and every float leaf of ``args``.
+    Differentiable (reverse mode, first order) with respect to ``y0`` and every float leaf of
+    ``args``; forward mode and a second reverse pass raise, forward-over-reverse
+    (``jax.hessian``) runs on backend "jax".
 
     ``tape_rows``: iterations the gradient tape holds (a ring). A reverse pass over a solve
     that ran more iterations re-runs each earlier segment of ``tape_rows`` iterations once from
@@ -256,7 +260,9 @@ def _flatten_state(y0):
 
 
 def _time_dtype(t0, t1, dt0, ts):
-    timelikes = [x for x in (t0, t1, dt0, ts) if x is not None]
+    # Array-likes (a list of save times) count as the arrays they make, as diffrax takes them.
+    timelikes = [jnp.asarray(x) if isinstance(x, (list, tuple)) else x
+                 for x in (t0, t1, dt0, ts) if x is not None]
     with jax.numpy_dtype_promotion("standard"):
         dtype = jnp.result_type(*timelikes)
     if jnp.issubdtype(dtype, jnp.integer):
@@ -282,20 +288,21 @@ def _check_times(t0, t1, dt0, ts, known):
             dt0 = eqx.error_if(dt0, (t1 - t0) * dt0 < 0, bad_sign)
             dt0 = eqx.error_if(dt0, (dt0 == 0) & (t0 != t1), zero)
     if ts is not None:
-        unsorted = "ts must be sorted in the direction of integration (increasing when t1 > t0)"
+        unsorted = ["ts must be sorted in the direction of integration: increasing, as t1 > t0",
+                    "ts must be sorted in the direction of integration: decreasing, as t1 < t0 (a backward solve)"]
         outside = "ts must lie between t0 and t1"
         cts = known["ts"]
         if c0 is not None and c1 is not None and cts is not None:
             direction = 1 if c0 < c1 else -1
             steps = np.diff(cts * direction)
             if np.any(steps < 0) or np.any(np.isnan(cts)):
-                raise ValueError(f"{unsorted}; got ts={cts}")
+                raise ValueError(f"{unsorted[direction < 0]}; got ts={cts}, t0={c0}, t1={c1}")
             lo, hi = min(c0, c1), max(c0, c1)
             if np.any(cts < lo) or np.any(cts > hi):
                 raise ValueError(f"{outside}; got ts={cts}, t0={c0}, t1={c1}")
         else:
             direction = jnp.where(t0 < t1, 1, -1)
-            ts = eqx.error_if(ts, jnp.any(jnp.diff(ts * direction) < 0), unsorted)
+            ts = eqx.branched_error_if(ts, jnp.any(jnp.diff(ts * direction) < 0), direction < 0, unsorted)
             lo, hi = jnp.minimum(t0, t1), jnp.maximum(t0, t1)
             ts = eqx.error_if(ts, jnp.any((ts < lo) | (ts > hi)), outside)
     return t0, t1, dt0, ts
@@ -383,7 +390,18 @@ def _check_field_output(vector_field, y_treedef, y_flat, layout, diff, nondiff, 
         [_lane_struct(x, a) for x, a in zip(diff, layout.diff_axes)],
         [_lane_struct(x, a) for x, a in zip(nondiff, layout.nondiff_axes)],
     )
-    out = jax.eval_shape(lambda t, y, a: vector_field(t, y, a), jax.ShapeDtypeStruct((), tdtype), y_lane, args_lane)
+    hint = _args_axes_hint(layout, diff, nondiff, y_flat[0].shape[0])
+    try:
+        out = jax.eval_shape(lambda t, y, a: vector_field(t, y, a), jax.ShapeDtypeStruct((), tdtype), y_lane,
+                             args_lane)
+    except (TypeError, ValueError) as e:
+        if not hint:
+            raise
+        try:  # keep the exception's type (a JAX shape error is a TypeError)
+            error = type(e)(f"{e}\n{hint}")
+        except Exception:
+            error = ValueError(f"{e}\n{hint}")
+        raise error from e
     out_leaves, out_treedef = jax.tree_util.tree_flatten(out)
     if out_treedef != y_treedef:
         raise ValueError(
@@ -394,8 +412,22 @@ def _check_field_output(vector_field, y_treedef, y_flat, layout, diff, nondiff, 
         if tuple(o.shape) != tuple(y.shape[1:]):
             raise ValueError(
                 f"the vector field returned a leaf of shape {tuple(o.shape)} where one lane of y0 "
-                f"has shape {tuple(y.shape[1:])}"
+                f"has shape {tuple(y.shape[1:])}" + (f"; {hint}" if hint else "")
             )
+
+
+def _args_axes_hint(layout, diff, nondiff, B) -> str:
+    """Advice when a shared argument looks per-lane (leading axis B): the field then sees the
+    whole batch of it in one lane, a common slip that surfaces as a shape error."""
+    paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(layout.rebuild(diff, nondiff))[0]]
+    leaves = [*zip(layout.diff_index, diff, layout.diff_axes), *zip(layout.nondiff_index, nondiff, layout.nondiff_axes)]
+    names = ["args" + jax.tree_util.keystr(paths[i]) for i, x, axis in sorted(leaves, key=lambda e: e[0])
+             if axis is None and x.ndim >= 1 and x.shape[0] == B]
+    if not names:
+        return ""
+    return (f"{', '.join(names)} has a leading axis of {B} lanes but is shared (args_axes None), so the "
+            "field sees all of it in every lane; if it holds one value per lane, pass args_axes=0 (or "
+            "a prefix tree of args_axes marking it 0)")
 
 
 def _device_memory_bytes() -> int:
@@ -506,6 +538,67 @@ def _size(num_bytes: int) -> str:
         if num_bytes >= scale:
             return f"{num_bytes / scale:.2f} {unit}"
     return f"{num_bytes} B"
+
+
+# What differentiation solve supports, said once for both refusals below. Forward-over-reverse
+# runs on backend "jax" because its reverse sweep is plain JAX that forward mode can push
+# tangents through (the kernels' is not); with adaptive steps it also differentiates the step
+# sizes, which diffrax holds constant (README "API").
+_SUPPORTED_AD = ("fusedrk.solve supports reverse-mode derivatives of first order (jax.grad, jax.vjp, "
+                 "jax.jacrev, jax.value_and_grad); for second derivatives, forward-over-reverse "
+                 '(jax.hessian, jax.jacfwd(jax.grad(f))) runs with backend="jax" and equals diffrax\'s '
+                 "with fixed steps")
+
+
+def _reverse_mode_only(core):
+    """``core`` with JAX's refusal of forward mode (jvp of a custom_vjp) reworded for users."""
+
+    message = (f"{_SUPPORTED_AD}. Forward mode through solve itself (jax.jvp, jax.jacfwd) is not "
+               "supported: its derivative is a custom reverse sweep over the stored tape.")
+
+    def call(*operands):
+        # JAX itself refuses jvp of a custom_vjp eagerly, but under jit only when it compiles,
+        # outside solve; a jvp tracer among the operands says it is coming. With direct
+        # linearisation (jax >= 0.10's default) reverse mode traces with other tracers, and
+        # forward-over-reverse hands solve reverse-mode tracers on top of forward ones.
+        if getattr(jax.config, "jax_use_direct_linearize", False) and any(
+            isinstance(x, ad.JVPTracer) for x in jax.tree_util.tree_leaves(operands)
+        ):
+            raise TypeError(message)
+        try:
+            return core(*operands)
+        except TypeError as e:
+            if "forward-mode autodiff" not in str(e):
+                raise
+            raise TypeError(message) from e
+
+    return call
+
+
+# An identity on the reverse sweep's outputs whose transpose refuses: differentiating the
+# gradient in reverse mode (jax.grad(jax.grad(f))) stops here with a message, before JAX tries
+# to transpose the sweep's while loops ("Reverse-mode differentiation does not work for
+# lax.while_loop"). Forward mode passes tangents through it, so forward-over-reverse works.
+_first_order_p = Primitive("fusedrk_first_order_gradient")
+_first_order_p.def_impl(lambda x: x)
+_first_order_p.def_abstract_eval(lambda x: x)
+mlir.register_lowering(_first_order_p, lambda ctx, x: [x])
+batching.primitive_batchers[_first_order_p] = lambda xs, dims: (_first_order_p.bind(*xs), dims[0])
+
+
+def _refuse_second_reverse_pass(ct, x):
+    raise ValueError(f"{_SUPPORTED_AD}. The gradient of solve cannot be differentiated again in reverse mode "
+                     "(jax.grad(jax.grad(f)), jax.jacrev(jax.grad(f))).")
+
+
+ad.deflinear2(_first_order_p, _refuse_second_reverse_pass)
+
+
+def _first_order_only(bwd):
+    def marked(residuals, cts):
+        return jax.tree_util.tree_map(_first_order_p.bind, bwd(residuals, cts))
+
+    return marked
 
 
 def _instantiate(ct, like):
@@ -646,5 +739,5 @@ def _make_core(lane_fn, layout: _ArgsLayout, config, plan: TapePlan, *, choose_d
         nondiff_bar = [None] * len(nondiff)
         return (tuple(y_bar), args_bar, nondiff_bar, None, None, None, None, None, None)
 
-    core.defvjp(core_fwd, core_bwd, symbolic_zeros=True)
-    return core
+    core.defvjp(core_fwd, _first_order_only(core_bwd), symbolic_zeros=True)
+    return _reverse_mode_only(core)
