@@ -91,7 +91,7 @@ def _seed_case(name, quick):
     def theirs(adjoint, horizon):
         steps = int(round(horizon / p.dt0))
 
-        def fn(y0):  # the seed as DESIGN.md states it: one ODE with y in R^2250
+        def fn(y0):  # the seed as docs/design.md states it: one ODE with y in R^2250
             sol = diffrax.diffeqsolve(diffrax.ODETerm(p.field), diffrax.Tsit5(), p.t0, horizon, p.dt0, y0,
                                       max_steps=steps + 1, adjoint=adjoint)
             return loss(horizon)(sol.ys), sol.ys[0]
@@ -419,7 +419,7 @@ def main(argv=None) -> int:
             chosen += installed
             if not opts.quick and case.workload not in ("seed", "seed-nl") and case.B != FULL_ALL_ADJOINTS_B:
                 # Full mode sweeps B with the oracle, fusedrk and the peers; every diffrax
-                # adjoint runs at the DESIGN.md reference size only (an 8-minute budget:
+                # adjoint runs at the docs/design.md reference size only (an 8-minute budget:
                 # vmapped RCA alone is 1.15 s per gradient at B = 2^16 on an H100).
                 chosen = [m for m in chosen if m not in DIFFRAX_METHODS]
         chosen = chosen if DEFAULT in chosen else [DEFAULT, *chosen]

@@ -1,6 +1,6 @@
 """solve(): validation, pytree flattening, backend choice, the custom_vjp, Solution.
 
-Owns: the public contract of ../shared/DESIGN.md. Inputs are checked here, before any device
+Owns: the public contract of docs/design.md. Inputs are checked here, before any device
 work, with messages that name the argument; the user's pytrees are flattened into tuples of
 [B, ...] leaves; times are normalised to increase (diffrax's ``direction``); the forward and
 reverse sweeps of a backend are wrapped in one ``jax.custom_vjp`` whose primal runs without a
@@ -127,7 +127,7 @@ def solve(
     a checkpoint; ``Solution.stats["num_replayed_iterations"]`` says how many (0: no replay).
     None chooses: every iteration for fixed steps with concrete times, otherwise as many rows
     as fit the backend's memory budget (at most ``max_steps``).
-    See ../shared/DESIGN.md for the full contract.
+    See docs/design.md for the full contract.
     """
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
