@@ -379,7 +379,7 @@ def main(argv=None) -> int:
                         help="folder for results.csv, results.md and results.png (created if missing)")
     parser.add_argument("--quick", action="store_true", help="CPU-sized run (about 2 minutes on 2 cores)")
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS, metavar="NAME",
-                        help="workloads to run (bench/README.md describes them)")
+                        help="workloads to run (bench/README.md describes them); choices: %(choices)s")
     parser.add_argument("--methods", nargs="+", default=None, metavar="NAME",
                         choices=[*DIFFRAX_METHODS, *FUSEDRK_METHODS, QUARTER_TAPE, *peers.PEERS],
                         help="methods to time (diffrax-rca, the oracle, always runs); default: every diffrax "
