@@ -91,7 +91,7 @@ def _seed_case(name, quick):
     def theirs(adjoint, horizon):
         steps = int(round(horizon / p.dt0))
 
-        def fn(y0):  # the seed as DESIGN.md states it: one ODE with y in R^2250
+        def fn(y0):  # the seed as docs/design.md states it: one ODE with y in R^2250
             sol = diffrax.diffeqsolve(diffrax.ODETerm(p.field), diffrax.Tsit5(), p.t0, horizon, p.dt0, y0,
                                       max_steps=steps + 1, adjoint=adjoint)
             return loss(horizon)(sol.ys), sol.ys[0]
@@ -259,38 +259,66 @@ def run_case(case: Case, method: str, repeats: int, get_run: Callable, oracle: d
     return row
 
 
-def plot(rows, path):
+def figure(rows):
+    """The results figure: jit(grad) time against batch size (one marker per measured B, joined
+    when a series has several) and the speed-up bars, titled with the device and workloads."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
-    bars = sum(1 for r in rows if r["mode"] == "grad" and r.get("speedup_vs_diffrax_default"))
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 20, 50, 100 rather than 2x10^1 on log axes
+    # Minor ticks labelled at 2x and 5x a power of ten only: readable over several decades.
+    sparse = FuncFormatter(lambda v, _: f"{v:g}" if f"{v:e}"[0] in "25" else "")
+    grads = [r for r in rows if r["mode"] == "grad"]
+    bars = sum(1 for r in grads if r.get("speedup_vs_diffrax_default"))
     fig, (ax_time, ax_speed) = plt.subplots(1, 2, figsize=(14, max(5, 0.22 * bars)))
     series = {}
-    for r in rows:
-        if r["mode"] == "grad" and r["status"] == "ok":
+    for r in grads:
+        if r["status"] == "ok":
             series.setdefault((r["workload"], r["method"]), []).append((r["B"], r["median_ms"]))
     for (workload, method), points in sorted(series.items()):
-        if len(points) > 1:
-            b, ms = zip(*sorted(points))
-            ax_time.loglog(b, ms, marker="o", label=f"{workload} {method}")
+        b, ms = zip(*sorted(points))
+        # A workload measured at one B (the seeds) is a single marker: still a point to read.
+        ax_time.plot(b, ms, marker="o", linestyle="-" if len(points) > 1 else "none", label=f"{workload} {method}")
+    ax_time.set_xscale("log")
+    ax_time.set_yscale("log")
+    for axis in (ax_time.xaxis, ax_time.yaxis):
+        axis.set_major_formatter(plain)
+        axis.set_minor_formatter(sparse)
     ax_time.set_xlabel("batch size B")
     ax_time.set_ylabel("jit(grad) time [ms]")
-    ax_time.set_title("time vs batch size")
+    ax_time.set_title("jit(grad) time vs batch size (median)")
     if ax_time.lines:
-        ax_time.legend(fontsize=7)
-    labels, speedups = [], []
-    for r in rows:
-        if r["mode"] == "grad" and r.get("speedup_vs_diffrax_default"):
-            labels.append(f"{r['workload']} B={r['B']} {r['method']}")
+        ax_time.legend(fontsize=7, loc="best")
+    labels, speedups, colors = [], [], []
+    for r in grads:
+        if r.get("speedup_vs_diffrax_default"):
+            labels.append(f"{r['workload']} B={r['B']} {r['method']}{' *' if r['extrapolated'] else ''}")
             speedups.append(r["speedup_vs_diffrax_default"])
-    ax_speed.barh(range(len(speedups)), speedups)
+            colors.append("tab:orange" if r["method"].startswith("fusedrk") else "tab:blue")
+    ax_speed.barh(range(len(speedups)), speedups, color=colors)
     ax_speed.set_yticks(range(len(speedups)), labels, fontsize=7)
+    ax_speed.invert_yaxis()  # top to bottom in the table's order
     ax_speed.set_xscale("log")
+    ax_speed.xaxis.set_major_formatter(plain)
+    ax_speed.xaxis.set_minor_formatter(sparse)
     ax_speed.axvline(1.0, color="k", lw=0.8)
-    ax_speed.set_xlabel(f"speed-up vs {DEFAULT} (jit(grad))")
+    footnote = "\n* timed on a shorter horizon, extrapolated" if any(r["extrapolated"] for r in grads) else ""
+    ax_speed.set_xlabel(f"speed-up vs {DEFAULT} (jit(grad)); > 1 is faster{footnote}")
+    ax_speed.set_title(f"jit(grad) speed-up vs diffrax's default adjoint ({DEFAULT})")
+    devices = sorted({str(r.get("device", "?")) for r in rows})
+    workloads = list(dict.fromkeys(r["workload"] for r in rows))
+    fig.suptitle(f"fusedrk vs diffrax on {', '.join(devices)}: workloads {', '.join(workloads)}")
     fig.tight_layout()
+    return fig
+
+
+def plot(rows, path):
+    import matplotlib.pyplot as plt
+
+    fig = figure(rows)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -306,7 +334,8 @@ def markdown(rows) -> str:
             f"{r['median_ms']:.2f}{'*' if r['extrapolated'] else ''} | {f'{speed:.1f}x' if speed else ''} | "
             f"{f'{gbps:.1f}' if gbps else ''} | {r['ys_rel_err']:.1e} | {r['grad_rel_err']:.1e} | {r['status']} |"
         )
-    lines.append("\n`*` diffrax (and any peer) timed on a shorter horizon and extrapolated linearly per step.")
+    if any(r["extrapolated"] for r in rows):
+        lines.append("\n`*` diffrax (and any peer) timed on a shorter horizon and extrapolated linearly per step.")
     return "\n".join(lines)
 
 
@@ -328,18 +357,37 @@ def readme_summary(rows) -> str | None:
     return "\n".join(lines)
 
 
+WORKLOADS = ("seed", "seed-nl", "lorenz", "lorenz-adaptive", "vdp", "readme")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where the help text says what None or a flag's
+    absence means."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        if isinstance(action.default, (list, tuple)):
+            return f"{action.help} (default: {' '.join(map(str, action.default))})"
+        return super()._get_help_string(action)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.path.join("bench", "results"))
-    parser.add_argument("--quick", action="store_true", help="CPU-sized run (under 2 minutes on 2 cores)")
-    parser.add_argument("--workloads", nargs="+", default=["seed", "seed-nl", "lorenz", "lorenz-adaptive", "vdp", "readme"],
-                        choices=["seed", "seed-nl", "lorenz", "lorenz-adaptive", "vdp", "readme"])
-    parser.add_argument("--methods", nargs="+", default=None,
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0],
+                                     formatter_class=_HelpFormatter)
+    parser.add_argument("--out", default=os.path.join("bench", "results"), metavar="DIR",
+                        help="folder for results.csv, results.md and results.png (created if missing)")
+    parser.add_argument("--quick", action="store_true", help="CPU-sized run (about 2 minutes on 2 cores)")
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS, metavar="NAME",
+                        help="workloads to run (bench/README.md describes them); choices: %(choices)s")
+    parser.add_argument("--methods", nargs="+", default=None, metavar="NAME",
                         choices=[*DIFFRAX_METHODS, *FUSEDRK_METHODS, QUARTER_TAPE, *peers.PEERS],
-                        help="default: every diffrax adjoint and fusedrk-jax, plus fusedrk-pallas on a GPU and "
-                             "the installed peers on the fixed-step workloads")
+                        help="methods to time (diffrax-rca, the oracle, always runs); default: every diffrax "
+                             "adjoint and fusedrk-jax, plus fusedrk-pallas on a GPU and the installed peers on "
+                             "the fixed-step workloads; choices: %(choices)s")
     parser.add_argument("--interpret", action="store_true", help="run fusedrk-pallas in interpret mode")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5; 3 with --quick)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed calls per row after the warm-up; default: 5, or 3 with --quick")
     opts = parser.parse_args(argv)
     from tqdm import tqdm
 
@@ -371,7 +419,7 @@ def main(argv=None) -> int:
             chosen += installed
             if not opts.quick and case.workload not in ("seed", "seed-nl") and case.B != FULL_ALL_ADJOINTS_B:
                 # Full mode sweeps B with the oracle, fusedrk and the peers; every diffrax
-                # adjoint runs at the DESIGN.md reference size only (an 8-minute budget:
+                # adjoint runs at the docs/design.md reference size only (an 8-minute budget:
                 # vmapped RCA alone is 1.15 s per gradient at B = 2^16 on an H100).
                 chosen = [m for m in chosen if m not in DIFFRAX_METHODS]
         chosen = chosen if DEFAULT in chosen else [DEFAULT, *chosen]

@@ -6,8 +6,8 @@
 
 Each method: compile time separately, then the median of repeats with block_until_ready; every
 timing is printed beside the gradient's max relative error against diffrax's
-RecursiveCheckpointAdjoint. The diffrax problem is the seed as DESIGN.md states it (one ODE with
-y in R^2250); fusedrk solves 2,250 one-dimensional lanes, the same arithmetic.
+RecursiveCheckpointAdjoint. The diffrax problem is the seed as docs/design.md states it (one ODE
+with y in R^2250); fusedrk solves 2,250 one-dimensional lanes, the same arithmetic.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """fusedrk: fast, exact gradients through large batches of small ODEs (Tsit5, stored tape).
 
-Public names only; the implementation lives in private modules (see ../shared/DESIGN.md).
+Public names only; the implementation lives in private modules (see docs/design.md).
 """
 
 from ._solve import RESULTS, Solution, solve

@@ -1,6 +1,6 @@
 """solve(): validation, pytree flattening, backend choice, the custom_vjp, Solution.
 
-Owns: the public contract of ../shared/DESIGN.md. Inputs are checked here, before any device
+Owns: the public contract of docs/design.md. Inputs are checked here, before any device
 work, with messages that name the argument; the user's pytrees are flattened into tuples of
 [B, ...] leaves; times are normalised to increase (diffrax's ``direction``); the forward and
 reverse sweeps of a backend are wrapped in one ``jax.custom_vjp`` whose primal runs without a
@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
 
 from . import _reference, _schedule, _shard, _step
 from ._reference import TAPE_STAGES
@@ -107,7 +109,14 @@ def solve(
     interpret: bool = False,
     sharding=None,
 ) -> Solution:
-    """Integrate a batch of ODEs with Tsit5; equal to ``jax.vmap(diffrax.diffeqsolve)``.
+    """Integrate a batch of ODEs with Tsit5, as ``jax.vmap(diffrax.diffeqsolve)`` with ``Tsit5`` does.
+
+    Agreement: in float64, the same accepted and rejected steps per lane, values and gradients
+    to ~1e-12 relative. With fixed steps, the same step counts in float32 too (values within
+    rounding: 10 ulps per step). In float32 with adaptive steps, values stay within the
+    rounding model's bound (4x the change diffrax shows when y0 moves by one ulp), but a lane's
+    step count may differ: rounding flips accept/reject decisions near scaled error = 1, as it
+    does for diffrax itself when y0 moves by one ulp.
 
     ``vector_field(t, y, args)`` is written for ONE ODE; every leaf of ``y0`` has a leading
     batch axis B. ``args_axes`` is a ``jax.vmap``-style prefix of ``args``: 0 marks per-lane
@@ -115,14 +124,16 @@ def solve(
     (diffrax ConstantStepSize); otherwise diffrax's PIDController(rtol, atol) with its
     defaults, and ``dt0=None`` picks the first step as diffrax does. ``ts``: shared save times
     (dense output); None saves y(t1) only. ``t1 < t0`` integrates backwards (``dt0 < 0``).
-    Differentiable (reverse mode) with respect to ``y0`` and every float leaf of ``args``.
+    Differentiable (reverse mode, first order) with respect to ``y0`` and every float leaf of
+    ``args``; forward mode and a second reverse pass raise, forward-over-reverse
+    (``jax.hessian``) runs on backend "jax".
 
     ``tape_rows``: iterations the gradient tape holds (a ring). A reverse pass over a solve
     that ran more iterations re-runs each earlier segment of ``tape_rows`` iterations once from
     a checkpoint; ``Solution.stats["num_replayed_iterations"]`` says how many (0: no replay).
     None chooses: every iteration for fixed steps with concrete times, otherwise as many rows
     as fit the backend's memory budget (at most ``max_steps``).
-    See ../shared/DESIGN.md for the full contract.
+    See docs/design.md for the full contract.
     """
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
@@ -285,7 +296,9 @@ def _flatten_state(y0):
 
 
 def _time_dtype(t0, t1, dt0, ts):
-    timelikes = [x for x in (t0, t1, dt0, ts) if x is not None]
+    # Array-likes (a list of save times) count as the arrays they make, as diffrax takes them.
+    timelikes = [jnp.asarray(x) if isinstance(x, (list, tuple)) else x
+                 for x in (t0, t1, dt0, ts) if x is not None]
     with jax.numpy_dtype_promotion("standard"):
         dtype = jnp.result_type(*timelikes)
     if jnp.issubdtype(dtype, jnp.integer):
@@ -311,20 +324,21 @@ def _check_times(t0, t1, dt0, ts, known):
             dt0 = eqx.error_if(dt0, (t1 - t0) * dt0 < 0, bad_sign)
             dt0 = eqx.error_if(dt0, (dt0 == 0) & (t0 != t1), zero)
     if ts is not None:
-        unsorted = "ts must be sorted in the direction of integration (increasing when t1 > t0)"
+        unsorted = ["ts must be sorted in the direction of integration: increasing, as t1 > t0",
+                    "ts must be sorted in the direction of integration: decreasing, as t1 < t0 (a backward solve)"]
         outside = "ts must lie between t0 and t1"
         cts = known["ts"]
         if c0 is not None and c1 is not None and cts is not None:
             direction = 1 if c0 < c1 else -1
             steps = np.diff(cts * direction)
             if np.any(steps < 0) or np.any(np.isnan(cts)):
-                raise ValueError(f"{unsorted}; got ts={cts}")
+                raise ValueError(f"{unsorted[direction < 0]}; got ts={cts}, t0={c0}, t1={c1}")
             lo, hi = min(c0, c1), max(c0, c1)
             if np.any(cts < lo) or np.any(cts > hi):
                 raise ValueError(f"{outside}; got ts={cts}, t0={c0}, t1={c1}")
         else:
             direction = jnp.where(t0 < t1, 1, -1)
-            ts = eqx.error_if(ts, jnp.any(jnp.diff(ts * direction) < 0), unsorted)
+            ts = eqx.branched_error_if(ts, jnp.any(jnp.diff(ts * direction) < 0), direction < 0, unsorted)
             lo, hi = jnp.minimum(t0, t1), jnp.maximum(t0, t1)
             ts = eqx.error_if(ts, jnp.any((ts < lo) | (ts > hi)), outside)
     return t0, t1, dt0, ts
@@ -412,7 +426,18 @@ def _check_field_output(vector_field, y_treedef, y_flat, layout, diff, nondiff, 
         [_lane_struct(x, a) for x, a in zip(diff, layout.diff_axes)],
         [_lane_struct(x, a) for x, a in zip(nondiff, layout.nondiff_axes)],
     )
-    out = jax.eval_shape(lambda t, y, a: vector_field(t, y, a), jax.ShapeDtypeStruct((), tdtype), y_lane, args_lane)
+    hint = _args_axes_hint(layout, diff, nondiff, y_flat[0].shape[0])
+    try:
+        out = jax.eval_shape(lambda t, y, a: vector_field(t, y, a), jax.ShapeDtypeStruct((), tdtype), y_lane,
+                             args_lane)
+    except (TypeError, ValueError) as e:
+        if not hint:
+            raise
+        try:  # keep the exception's type (a JAX shape error is a TypeError)
+            error = type(e)(f"{e}\n{hint}")
+        except Exception:
+            error = ValueError(f"{e}\n{hint}")
+        raise error from e
     out_leaves, out_treedef = jax.tree_util.tree_flatten(out)
     if out_treedef != y_treedef:
         raise ValueError(
@@ -423,8 +448,22 @@ def _check_field_output(vector_field, y_treedef, y_flat, layout, diff, nondiff, 
         if tuple(o.shape) != tuple(y.shape[1:]):
             raise ValueError(
                 f"the vector field returned a leaf of shape {tuple(o.shape)} where one lane of y0 "
-                f"has shape {tuple(y.shape[1:])}"
+                f"has shape {tuple(y.shape[1:])}" + (f"; {hint}" if hint else "")
             )
+
+
+def _args_axes_hint(layout, diff, nondiff, B) -> str:
+    """Advice when a shared argument looks per-lane (leading axis B): the field then sees the
+    whole batch of it in one lane, a common slip that surfaces as a shape error."""
+    paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(layout.rebuild(diff, nondiff))[0]]
+    leaves = [*zip(layout.diff_index, diff, layout.diff_axes), *zip(layout.nondiff_index, nondiff, layout.nondiff_axes)]
+    names = ["args" + jax.tree_util.keystr(paths[i]) for i, x, axis in sorted(leaves, key=lambda e: e[0])
+             if axis is None and x.ndim >= 1 and x.shape[0] == B]
+    if not names:
+        return ""
+    return (f"{', '.join(names)} has a leading axis of {B} lanes but is shared (args_axes None), so the "
+            "field sees all of it in every lane; if it holds one value per lane, pass args_axes=0 (or "
+            "a prefix tree of args_axes marking it 0)")
 
 
 def _device_memory_bytes() -> int:
@@ -550,6 +589,67 @@ def _not_differentiated_jvp(name, primals, tangents):
         raise ValueError(f"fusedrk.solve is not differentiable with respect to {name}: gradients "
                          "flow to y0 and to floating-point leaves of args only")
     return x, dx
+
+
+# What differentiation solve supports, said once for both refusals below. Forward-over-reverse
+# runs on backend "jax" because its reverse sweep is plain JAX that forward mode can push
+# tangents through (the kernels' is not); with adaptive steps it also differentiates the step
+# sizes, which diffrax holds constant (README "API").
+_SUPPORTED_AD = ("fusedrk.solve supports reverse-mode derivatives of first order (jax.grad, jax.vjp, "
+                 "jax.jacrev, jax.value_and_grad); for second derivatives, forward-over-reverse "
+                 '(jax.hessian, jax.jacfwd(jax.grad(f))) runs with backend="jax" and equals diffrax\'s '
+                 "with fixed steps")
+
+
+def _reverse_mode_only(core):
+    """``core`` with JAX's refusal of forward mode (jvp of a custom_vjp) reworded for users."""
+
+    message = (f"{_SUPPORTED_AD}. Forward mode through solve itself (jax.jvp, jax.jacfwd) is not "
+               "supported: its derivative is a custom reverse sweep over the stored tape.")
+
+    def call(*operands):
+        # JAX itself refuses jvp of a custom_vjp eagerly, but under jit only when it compiles,
+        # outside solve; a jvp tracer among the operands says it is coming. With direct
+        # linearisation (jax >= 0.10's default) reverse mode traces with other tracers, and
+        # forward-over-reverse hands solve reverse-mode tracers on top of forward ones.
+        if getattr(jax.config, "jax_use_direct_linearize", False) and any(
+            isinstance(x, ad.JVPTracer) for x in jax.tree_util.tree_leaves(operands)
+        ):
+            raise TypeError(message)
+        try:
+            return core(*operands)
+        except TypeError as e:
+            if "forward-mode autodiff" not in str(e):
+                raise
+            raise TypeError(message) from e
+
+    return call
+
+
+# An identity on the reverse sweep's outputs whose transpose refuses: differentiating the
+# gradient in reverse mode (jax.grad(jax.grad(f))) stops here with a message, before JAX tries
+# to transpose the sweep's while loops ("Reverse-mode differentiation does not work for
+# lax.while_loop"). Forward mode passes tangents through it, so forward-over-reverse works.
+_first_order_p = Primitive("fusedrk_first_order_gradient")
+_first_order_p.def_impl(lambda x: x)
+_first_order_p.def_abstract_eval(lambda x: x)
+mlir.register_lowering(_first_order_p, lambda ctx, x: [x])
+batching.primitive_batchers[_first_order_p] = lambda xs, dims: (_first_order_p.bind(*xs), dims[0])
+
+
+def _refuse_second_reverse_pass(ct, x):
+    raise ValueError(f"{_SUPPORTED_AD}. The gradient of solve cannot be differentiated again in reverse mode "
+                     "(jax.grad(jax.grad(f)), jax.jacrev(jax.grad(f))).")
+
+
+ad.deflinear2(_first_order_p, _refuse_second_reverse_pass)
+
+
+def _first_order_only(bwd):
+    def marked(residuals, cts):
+        return jax.tree_util.tree_map(_first_order_p.bind, bwd(residuals, cts))
+
+    return marked
 
 
 def _lane_function(vector_field, y_treedef, layout: _ArgsLayout):
@@ -686,5 +786,5 @@ def _make_core(lane_fn, layout: _ArgsLayout, config, plan: TapePlan, *, choose_d
 
     # Without symbolic zeros: JAX does not take them inside shard_map (several devices), and
     # solve keeps the times out of differentiation itself (``_not_differentiated``).
-    core.defvjp(core_fwd, core_bwd)
-    return core
+    core.defvjp(core_fwd, _first_order_only(core_bwd))
+    return _reverse_mode_only(core)

@@ -26,7 +26,7 @@ def _lanes(B, lo, hi, dtype):
     return jnp.linspace(lo, hi, B, dtype=dtype) if B > 1 else jnp.full((1,), lo, dtype)
 
 
-# -- the project's seed workload (DESIGN.md): 2,250 independent scalar ODEs -----------------
+# -- the project's seed workload (docs/design.md): 2,250 independent scalar ODEs ------------
 
 
 SEED_DECAY = 0.1  # the seed's rate: d y(t1) / d y0 = exp(-SEED_DECAY (t1 - t0))

@@ -126,3 +126,41 @@ def test_demo_agreement_check_can_fail():
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 1, run.stdout + run.stderr
     assert "AGREEMENT CHECK FAILED: equal step counts True" in run.stdout
+
+
+def _row(workload, method, B, ms, extrapolated=False):
+    return dict(device="TestGPU", workload=workload, mode="grad", B=B, steps=10, method=method, median_ms=ms,
+                extrapolated=extrapolated, ys_rel_err=0.0, grad_rel_err=0.0, status="ok",
+                speedup_vs_diffrax_default=100.0 / ms)
+
+
+def test_plot_shows_one_batch_size_and_names_device_and_workloads():
+    # A workload measured at a single B (the seeds) must still appear in the left panel.
+    pytest.importorskip("matplotlib")
+    from bench.__main__ import figure
+
+    fig = figure([_row("seed", "diffrax-rca", 2250, 100.0), _row("seed", "fusedrk-jax", 2250, 20.0)])
+    ax_time, ax_speed = fig.axes[:2]
+    assert len(ax_time.lines) == 2 and all(len(line.get_xdata()) == 1 for line in ax_time.lines)
+    assert ax_time.get_legend() is not None
+    assert ax_time.get_title() and ax_speed.get_title()
+    assert "TestGPU" in fig._suptitle.get_text() and "seed" in fig._suptitle.get_text()
+    assert "extrapolated" not in ax_speed.get_xlabel()
+
+
+def test_markdown_footnote_only_for_extrapolated_rows():
+    from bench.__main__ import markdown
+
+    plain = [_row("lorenz", "fusedrk-jax", 64, 20.0)]
+    assert "extrapolated" not in markdown(plain)
+    assert "extrapolated" in markdown(plain + [_row("seed", "diffrax-rca", 2250, 90.0, extrapolated=True)])
+
+
+def test_cli_help_names_the_module_and_shows_defaults(capsys):
+    from bench.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert text.startswith("usage: python -m bench")
+    assert "--out DIR" in text and "(default: bench/results)" in " ".join(text.split())

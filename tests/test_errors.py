@@ -118,3 +118,77 @@ def test_nan_field_stops_instead_of_hanging(adaptive):
         assert int(sol.stats["num_steps"][0]) < 10
     with pytest.raises(eqx.EquinoxRuntimeError):
         jax.block_until_ready(fusedrk.solve(nan_after_half, Y0, 0.0, 1.0, dt0=0.1, max_steps=200, **tol).ys)
+
+
+def test_ts_as_a_list_works_like_an_array():
+    # diffrax takes array-likes; so does solve.
+    from_list = fusedrk.solve(f, Y0, 0.0, 1.0, dt0=0.1, ts=[0.0, 0.5, 1.0])
+    from_array = fusedrk.solve(f, Y0, 0.0, 1.0, dt0=0.1, ts=jnp.asarray([0.0, 0.5, 1.0]))
+    np.testing.assert_array_equal(from_list.ys, from_array.ys)
+    np.testing.assert_array_equal(from_list.ts, from_array.ts)
+
+
+def test_backward_solve_with_increasing_ts_is_told_decreasing():
+    with pytest.raises(ValueError, match=r"ts must be sorted .*: decreasing, as t1 < t0"):
+        fusedrk.solve(f, Y0, 1.0, 0.0, dt0=-0.1, ts=[0.0, 0.5, 1.0])
+    with pytest.raises(ValueError, match=r"ts must be sorted .*: increasing, as t1 > t0"):
+        fusedrk.solve(f, Y0, 0.0, 1.0, dt0=0.1, ts=[1.0, 0.5, 0.0])
+    run_ts = jax.jit(lambda ts: fusedrk.solve(f, Y0, 1.0, 0.0, dt0=-0.1, ts=ts).ys)
+    with pytest.raises(Exception, match=r"decreasing, as t1 < t0"):
+        jax.block_until_ready(run_ts(jnp.asarray([0.3, 0.6])))
+
+
+def decay(t, y, args):
+    return -args["k"] * y
+
+
+@pytest.mark.parametrize("y0", [Y0, jnp.ones((4, 3))], ids=["shape-error", "broadcast-error"])
+def test_per_lane_args_without_args_axes_hint_at_args_axes(y0):
+    # A [B] argument left shared: the field sees all B values in one lane, and the shape error
+    # that follows (from our check or from JAX inside the field) names the argument and args_axes.
+    with pytest.raises((ValueError, TypeError), match=r"args\['k'\] has a leading axis of 4 lanes .* args_axes=0"):
+        fusedrk.solve(decay, y0, 0.0, 1.0, dt0=0.1, args={"k": jnp.linspace(0.5, 1.0, 4), "c": 1.0})
+
+
+def _loss(y0):
+    return jnp.sum(fusedrk.solve(lambda t, y, a: -y * y, y0, 0.0, 1.0, dt0=0.1).ys)
+
+
+@pytest.mark.parametrize("transform", [
+    lambda: jax.jvp(_loss, (Y0,), (Y0,)),
+    lambda: jax.jacfwd(_loss)(Y0),
+    lambda: jax.jit(lambda y: jax.jvp(_loss, (y,), (y,)))(Y0),  # JAX alone would refuse only at compile time
+], ids=["jvp", "jacfwd", "jit-jvp"])
+def test_forward_mode_says_what_is_supported(transform):
+    with pytest.raises(TypeError, match=r"supports reverse-mode derivatives of first order .* Forward mode"):
+        transform()
+
+
+@pytest.mark.parametrize("transform", [
+    lambda: jax.grad(lambda y: jnp.sum(jax.grad(_loss)(y)))(Y0),
+    lambda: jax.jit(jax.jacrev(jax.grad(_loss)))(Y0),
+], ids=["grad-grad", "jit-jacrev-grad"])
+def test_second_reverse_pass_says_what_is_supported(transform):
+    with pytest.raises(ValueError, match=r"supports reverse-mode derivatives of first order .* cannot be "
+                                         r"differentiated again in reverse mode"):
+        transform()
+
+
+def test_forward_over_reverse_equals_diffrax_with_fixed_steps(x64):
+    # What the refusals above recommend for second derivatives.
+    import diffrax
+    from conftest import diffrax_solve
+
+    p = problems.VDP
+    y0, mu = p.make(3, jnp.float64)
+
+    def ours(mu):
+        return jnp.sum(fusedrk.solve(p.field, y0, 0.0, 2.0, args=mu, args_axes=0, dt0=0.01, backend="jax").ys["x"] ** 2)
+
+    def theirs(mu):
+        sol = diffrax_solve(p.field, y0, 0.0, 2.0, args=mu, args_axes=0, dt0=0.01, adjoint=diffrax.ForwardMode())
+        return jnp.sum(sol.ys["x"] ** 2)
+
+    expected = jax.jacfwd(jax.jacfwd(theirs))(mu)
+    scale = float(jnp.max(jnp.abs(expected)))
+    np.testing.assert_allclose(jax.hessian(ours)(mu), expected, rtol=1e-12, atol=1e-12 * scale)
