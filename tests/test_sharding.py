@@ -14,3 +14,13 @@ def test_sharded_solves_equal_the_unsharded_ones():
                           capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "all sharded solves equal the unsharded ones" in done.stdout
+
+
+def test_the_readme_example_runs_as_written_on_4_devices():
+    with open(os.path.join(HERE, "..", "README.md")) as fh:
+        section = fh.read().split("## Several devices", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "4 devices: loss" in done.stdout and "grad sharded as P('lanes',)" in done.stdout, done.stdout
