@@ -30,7 +30,7 @@ class BatchSharding(NamedTuple):
 
 
 def batch_sharding(leaf, sharding=None) -> Optional[BatchSharding]:
-    """How axis 0 of ``leaf`` (the first state leaf) is split over devices; None for one.
+    """How axis 0 of ``leaf`` (the first state leaf) is split over devices; None if it is not.
 
     ``sharding`` (a NamedSharding partitioning axis 0) overrides what the leaf says. A
     concrete array says it through ``.sharding``; under ``jax.jit`` a traced one says it only
@@ -46,8 +46,9 @@ def batch_sharding(leaf, sharding=None) -> Optional[BatchSharding]:
         return None
     first = sharding.spec[0]
     axes = tuple(first) if isinstance(first, (tuple, list)) else (first,)
-    devices = math.prod(sharding.mesh.shape[a] for a in axes)
-    return BatchSharding(sharding.mesh, axes, devices) if devices > 1 else None
+    # Kept for a single device too: on a mesh with Explicit axes the lanes carry the mesh axis
+    # in their type, which the unsharded core's vmaps reject.
+    return BatchSharding(sharding.mesh, axes, math.prod(sharding.mesh.shape[a] for a in axes))
 
 
 def check_sharding_argument(sharding) -> None:
