@@ -8,13 +8,14 @@ curve there is informational; on a machine with N GPUs it is the scaling curve).
 is the README's Lorenz example (adaptive, rtol = atol = 1e-6, a [3] state per lane) with its
 batch split over all devices, ``jit(value_and_grad)`` of the mean of z(t1)^2 with respect to
 the per-lane rho. Every row prints the gradient's largest relative difference from the
-one-device run beside its time.
+first row's beside its time.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -54,12 +55,23 @@ print("RESULT " + json.dumps(dict(devices=jax.device_count(), device=str(jax.dev
 """
 
 
-def run(devices: int, B: int, backend: str, repeats: int) -> dict:
+def platform() -> str:
+    """The default JAX platform, asked of a child process (a GPU parent would hold memory)."""
+    done = subprocess.run([sys.executable, "-c", "import jax; print(jax.default_backend())"],
+                          capture_output=True, text=True)
+    return done.stdout.strip().splitlines()[-1] if done.returncode == 0 and done.stdout.strip() else "cpu"
+
+
+def run(devices: int, B: int, backend: str, repeats: int, on: str) -> dict:
     env = dict(os.environ)
-    if env.get("JAX_PLATFORMS", "cpu") == "cpu" and "cuda" not in env.get("JAX_PLATFORMS", ""):
+    if on == "cpu":  # host devices sharing the machine's cores
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}").strip()
-    else:  # GPUs: the first `devices` of them
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(devices))
+    else:  # the first `devices` of the GPUs this process may use
+        visible = env.get("CUDA_VISIBLE_DEVICES")
+        ids = visible.split(",") if visible else [str(i) for i in range(devices)]
+        if len(ids) < devices:
+            raise RuntimeError(f"{devices} devices asked for, CUDA_VISIBLE_DEVICES={visible}")
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(ids[:devices])
     done = subprocess.run([sys.executable, "-c", CHILD, str(B), backend, str(repeats)], env=env,
                           capture_output=True, text=True)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -76,15 +88,17 @@ def main() -> int:
     parser.add_argument("--backend", default="jax", choices=["jax", "pallas", "auto"], help="fusedrk backend")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per device count (median)")
     opts = parser.parse_args()
-    rows = [run(n, opts.batch, opts.backend, opts.repeats) for n in opts.devices]
+    on = platform()
+    B = opts.batch - opts.batch % math.lcm(*opts.devices)  # every count splits the batch evenly
+    rows = [run(n, B, opts.backend, opts.repeats, on) for n in opts.devices]
     base = np.asarray(rows[0]["grad"])
-    print(f"\n{rows[0]['device']}, B = {opts.batch}, backend {opts.backend}, jit(value_and_grad) of the README "
+    print(f"\n{rows[0]['device']}, B = {B}, backend {opts.backend}, jit(value_and_grad) of the README "
           "Lorenz loss\n")
-    print("| devices | median ms | lanes/s | grad rel. diff. vs first row |")
+    print(f"| devices | median ms | lanes/s | grad rel. diff. vs {opts.devices[0]} device(s) |")
     print("|---|---|---|---|")
     for r in rows:
         diff = float(np.max(np.abs(np.asarray(r["grad"]) - base)) / np.max(np.abs(base)))
-        print(f"| {r['devices']} | {r['median_s'] * 1e3:.1f} | {opts.batch / r['median_s']:,.0f} | {diff:.1e} |")
+        print(f"| {r['devices']} | {r['median_s'] * 1e3:.1f} | {B / r['median_s']:,.0f} | {diff:.1e} |")
     return 0
 
 

@@ -172,6 +172,9 @@ def forward(config: Config, field, times: Times, y0: tuple, *, with_tape: bool) 
         ys=ys,
         save_iter=save_iter,
     )
+    if not config.adaptive:
+        # Shared times run on to t_end after a lane fails: keep each lane's own stop time.
+        carry["t_final"] = jnp.broadcast_to(t_start, (B,))
     if with_tape:
         R = config.tape_rows
         segments = _schedule.num_segments(config.rows, R)
@@ -200,6 +203,8 @@ def forward(config: Config, field, times: Times, y0: tuple, *, with_tape: bool) 
         out.update(_advance(c, attempt))
         out["num_accepted"] = c["num_accepted"] + attempt.accept
         out["num_rejected"] = c["num_rejected"] + attempt.reject
+        if not config.adaptive:
+            out["t_final"] = jnp.where(_running(c, t_end), attempt.tprev, c["t_final"])
         if config.save_ts:
             out["save_index"], out["ys"], out["save_iter"] = _save(
                 c, n, attempt.accept, c["tprev"], c["tnext"], c["y"], attempt.ks, times.ts
@@ -234,7 +239,7 @@ def forward(config: Config, field, times: Times, y0: tuple, *, with_tape: bool) 
         save_iter=c["save_iter"],
         num_iters=num_iters,
         tape=c.get("tape"),
-        t_final=jnp.broadcast_to(c["tprev"], (B,)),
+        t_final=c["tprev"] if config.adaptive else c["t_final"],
     )
 
 

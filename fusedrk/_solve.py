@@ -201,10 +201,17 @@ def solve(
     config = _reference.Config(adaptive=adaptive, save_ts=ts is not None, rows=rows, tape_rows=plan.rows)
     core = _make_core(lane_fn, layout, config, plan, choose_dt0=dt0 is None, backend=backend, interpret=interpret,
                       throw=throw)
+    # Traced on several devices, the forward's check runs on each device's own codes: outside
+    # the per-device body, equinox's callback would gather every output onto one device.
+    traced = any(isinstance(x, jax.core.Tracer) for x in (*y_flat, *diff_args, *nondiff_args))
+    check_per_device = throw and traced and split is not None
     if split is not None:
+        def check(out):
+            return (_raise_if_failed(out[0], out[3]),) + tuple(out[1:]) if check_per_device else out
+
         core = _shard.sharded(core, split, B, per_lane=(
             True, [a == 0 for a in layout.diff_axes], [a == 0 for a in layout.nondiff_axes],
-            False, False, False, False, False, False))
+            False, False, False, False, False, False), check=check)
 
     zero_t = jnp.zeros((), tdtype)
     times = dict(t0=t0, t1=t1, dt0=zero_t if dt0 is None else dt0, ts=jnp.zeros((1,), tdtype) if ts is None else ts,
@@ -214,7 +221,7 @@ def solve(
         y_flat, diff_args, nondiff_args, times["t0"], times["t1"], times["dt0"], times["ts"], times["rtol"],
         times["atol"],
     )
-    if throw:
+    if throw and not check_per_device:
         ys_flat = _raise_if_failed(ys_flat, result)
     stats = {
         "num_steps": num_accepted + num_rejected,
@@ -239,10 +246,11 @@ def _failure_message(code: int) -> str:
 def _raise_if_failed(x, result):
     """x, or an error when some lane's result code is not success (``throw=True``).
 
-    Called eagerly (concrete codes) this raises here, in Python, so the traceback names the
-    failing call; equinox's check, which is compiled once and cached, would name the line of
-    the first call that traced it. Traced, the check is an equinox runtime error tied to x."""
-    if not isinstance(result, jax.core.Tracer):
+    Called eagerly (concrete codes this process can read) this raises here, in Python, so the
+    traceback names the failing call; equinox's check, which is compiled once and cached, would
+    name the line of the first call that traced it. Traced, the check is an equinox runtime
+    error tied to x."""
+    if not isinstance(result, jax.core.Tracer) and result.is_fully_addressable:
         codes = np.asarray(result)
         if np.any(codes != RESULTS.successful):
             raise eqx.EquinoxRuntimeError(_failure_message(int(np.max(codes))))
@@ -762,8 +770,8 @@ def _make_core(lane_fn, layout: _ArgsLayout, config, plan: TapePlan, *, choose_d
 
     def core_bwd(residuals, cts):
         y_bar, args_bar = backward(residuals, cts)
-        if throw:
-            y_bar = _raise_if_failed(y_bar, residuals[1].result)
+        if throw:  # tied to every cotangent: XLA prunes the check with any one left unused
+            y_bar, args_bar = _raise_if_failed((y_bar, args_bar), residuals[1].result)
         return (tuple(y_bar), args_bar, [None] * len(residuals[0][2]), None, None, None, None, None, None)
 
     def backward(residuals, cts):

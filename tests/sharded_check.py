@@ -42,14 +42,14 @@ def problem(B):
     return y0, args
 
 
-def run(backend, adaptive, y0, args, sharding=None):
+def run(backend, adaptive, y0, args, sharding=None, **extra):
     step = dict(rtol=1e-7, atol=1e-7, dt0=0.05) if adaptive else dict(dt0=0.2)
 
     def loss(y0, args):
         sol = fusedrk.solve(field, y0, 0.0, 2.0, args=args, args_axes={"k": 0, "c": None},
                             ts=jnp.linspace(0.0, 2.0, 4), backend=backend, interpret=backend == "pallas",
-                            sharding=sharding, **step)
-        return jnp.sum(jnp.sin(sol.ys)), (sol.ys, sol.stats["num_steps"], sol.result)
+                            sharding=sharding, **step, **extra)
+        return jnp.sum(jnp.sin(sol.ys)), (sol.ys, sol.stats["num_steps"], sol.result, sol.t_final)
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
 
@@ -64,8 +64,10 @@ def loop_bodies(hlo: str) -> set:
             name = m.group(1)
             calls[name] = set()
         elif name is not None:
-            calls[name].update(re.findall(r"(?:to_apply|body|condition|calls|branch_computations)=\{?%?([\w.\-]+)", line))
-            calls[name].update(re.findall(r"%([\w.\-]+)", " ".join(re.findall(r"branch_computations=\{([^}]*)\}", line))))
+            keys = "to_apply|body|condition|calls|true_computation|false_computation"
+            calls[name].update(re.findall(rf"(?:{keys})=%?([\w.\-]+)", line))
+            for group in re.findall(r"(?:branch_computations|called_computations|calls)=\{([^}]*)\}", line):
+                calls[name].update(re.findall(r"%?([\w.\-]+)", group))
             bodies.update(re.findall(r"body=%?([\w.\-]+)", line))
             bodies.update(re.findall(r"condition=%?([\w.\-]+)", line))
     seen, todo = set(), list(bodies)
@@ -101,12 +103,12 @@ def checker_sees_a_collective_in_a_loop(mesh) -> bool:
     return bool(collectives_in_loops(fn.lower(x).compile().as_text()))
 
 
-def check(backend, adaptive, B, mesh) -> list:
+def check(backend, adaptive, B, mesh, **extra) -> list:
     y0, args = problem(B)
     lanes = NamedSharding(mesh, PartitionSpec("lanes"))
     shared = NamedSharding(mesh, PartitionSpec())
-    fn = run(backend, adaptive, y0, args)
-    (value, (ys, steps, result)), grads = fn(y0, args)
+    fn = run(backend, adaptive, y0, args, **extra)
+    (value, (ys, steps, result, t_final)), grads = fn(y0, args)
     explicit = mesh.axis_types[0] == jax.sharding.AxisType.Explicit
     if B % mesh.size == 0:  # the user's batch arrives sharded
         y0_in = jax.device_put(y0, lanes)
@@ -116,9 +118,10 @@ def check(backend, adaptive, B, mesh) -> list:
     # Under jit, solve reads the batch sharding from y0's type on a mesh with Explicit axes;
     # with Auto axes (or an unsharded y0) it must be told.
     told = None if explicit and B % mesh.size == 0 else lanes
-    sharded = run(backend, adaptive, y0, args, sharding=told)
-    (s_value, (s_ys, s_steps, s_result)), s_grads = sharded(y0_in, args_in)
-    case = f"{backend} {'adaptive' if adaptive else 'fixed'} B={B} ({'Explicit' if explicit else 'Auto'} mesh of {mesh.size})"
+    sharded = run(backend, adaptive, y0, args, sharding=told, **extra)
+    (s_value, (s_ys, s_steps, s_result, s_t_final)), s_grads = sharded(y0_in, args_in)
+    case = (f"{backend} {'adaptive' if adaptive else 'fixed'} B={B} ({'Explicit' if explicit else 'Auto'} mesh of "
+            f"{mesh.size}){' ' + str(extra) if extra else ''}")
     bad = []
 
     def close(what, a, b):
@@ -129,6 +132,7 @@ def check(backend, adaptive, B, mesh) -> list:
             bad.append(f"{case}: {what} differs by {err:.1e} (relative to its largest entry)")
 
     close("ys", s_ys, ys)
+    close("t_final", s_t_final, t_final)
     close("loss", s_value, value)
     close("d loss / d y0", s_grads[0], grads[0])
     close("d loss / d k (per lane)", s_grads[1]["k"], grads[1]["k"])
@@ -143,9 +147,39 @@ def check(backend, adaptive, B, mesh) -> list:
     inside = collectives_in_loops(hlo)
     if inside:
         bad.append(f"{case}: collectives inside a time loop: {inside[:4]}")
-    if mesh.size > 1 and not any(f" {op}" in hlo for op in COLLECTIVES):
-        bad.append(f"{case}: no collective at all: the shared argument's cotangent was not summed over devices")
+    kinds = {op for op in COLLECTIVES if f" {op}(" in hlo or f" {op}-start(" in hlo}
+    if mesh.size > 1 and "all-reduce" not in kinds:
+        bad.append(f"{case}: no all-reduce: the shared argument's cotangent was not summed over devices")
+    if B % mesh.size == 0 and kinds - {"all-reduce"}:  # nothing gathered (the throw check included)
+        bad.append(f"{case}: unexpected collectives {sorted(kinds)}")
     print(f"{case}: {'ok' if not bad else 'FAILED'} (steps {int(np.max(np.asarray(steps)))})", flush=True)
+    return bad
+
+
+def eager_and_failing(mesh) -> list:
+    """An unjitted sharded call equals the unsharded one; a failing lane raises from a sharded
+    jit(grad) taken with respect to the arguments only."""
+    bad = []
+    y0, args = problem(8)
+    lanes = NamedSharding(mesh, PartitionSpec("lanes"))
+    kw = dict(args_axes={"k": 0, "c": None}, dt0=0.2)
+    eager = fusedrk.solve(field, jax.device_put(y0, lanes), 0.0, 2.0, args=args, **kw)
+    plain = fusedrk.solve(field, y0, 0.0, 2.0, args=args, **kw)
+    err = float(np.max(np.abs(np.asarray(eager.ys) - np.asarray(plain.ys))) / np.max(np.abs(np.asarray(plain.ys))))
+    if not err <= F64_TOL:
+        bad.append(f"eager sharded call: ys differ from the unsharded solve by {err:.1e}")
+    failing = dict(args, k=args["k"].at[5].set(jnp.nan))
+
+    def loss(args):
+        return jnp.sum(fusedrk.solve(field, jax.device_put(y0, lanes), 0.0, 2.0, args=args, max_steps=3, **kw).ys)
+
+    try:
+        jax.block_until_ready(jax.jit(jax.grad(loss))(failing))
+        bad.append("a failing lane gave a gradient without an error (sharded jit(grad) w.r.t. args)")
+    except (jax.errors.JaxRuntimeError, RuntimeError) as e:
+        if "fusedrk.solve: a lane failed" not in str(e):
+            bad.append(f"a failing lane raised something else: {str(e)[:200]}")
+    print(f"eager call and failing lane: {'ok' if not bad else 'FAILED'}", flush=True)
     return bad
 
 
@@ -165,6 +199,9 @@ def main(quick: bool) -> int:
         bad += check("jax", True, B, auto)
     # One device of an Explicit mesh: the lanes' type names the mesh axis all the same.
     bad += check("jax", True, 7, jax.make_mesh((1,), ("lanes",), devices=jax.devices()[:1]))
+    # A ring smaller than the solve: each device replays from its own checkpoints.
+    bad += check("jax", True, 8, mesh, tape_rows=3)
+    bad += eager_and_failing(mesh)
     print("\n".join(bad) if bad else "all sharded solves equal the unsharded ones")
     return 1 if bad else 0
 

@@ -107,10 +107,10 @@ def test_gradient_of_a_subset_of_the_outputs(x64):
     assert_tree_close(jax.grad(loss)(y0), jax.grad(ref)(y0), rtol=F64_TOL)
 
 
-@pytest.mark.parametrize("name", ["t0", "t1", "ts", "dt0"])
+@pytest.mark.parametrize("name", ["t0", "t1", "ts", "dt0", "rtol"])
 def test_differentiating_times_raises(x64, name):
     y0, args = problems.DECAY.make(2, jnp.float64)
-    kw = dict(t0=0.0, t1=1.0, ts=jnp.asarray([0.5, 1.0]), dt0=0.1)
+    kw = dict(t0=0.0, t1=1.0, ts=jnp.asarray([0.5, 1.0]), dt0=0.1, **({"rtol": 1e-6, "atol": 1e-6} if name == "rtol" else {}))
 
     def loss(x):
         kw2 = dict(kw, **{name: x})

@@ -29,18 +29,20 @@ def _solve(y0, args, t0=0.0, t1=3.0, **kw):
     return fusedrk.solve(P.field, y0, t0, t1, args=args, args_axes=P.args_axes, **kw)
 
 
+@pytest.mark.parametrize("wrt", ["y0", "args"])
 @pytest.mark.parametrize("transform", ["grad", "jit(grad)", "jit(value_and_grad)"])
-def test_a_failed_lane_raises_under_gradients(transform):
+def test_a_failed_lane_raises_under_gradients(transform, wrt):
     y0, args = _inputs()
 
-    def loss(y0):
+    def loss(y0, args):
         return jnp.sum(_solve(y0, args).ys)
 
-    fn = {"grad": jax.grad(loss), "jit(grad)": jax.jit(jax.grad(loss)),
-          "jit(value_and_grad)": jax.jit(jax.value_and_grad(loss))}[transform]
+    argnums = 0 if wrt == "y0" else 1  # with args only, y0's cotangent is unused and pruned
+    fn = {"grad": jax.grad(loss, argnums), "jit(grad)": jax.jit(jax.grad(loss, argnums)),
+          "jit(value_and_grad)": jax.jit(jax.value_and_grad(loss, argnums))}[transform]
     # Under jax.jit, equinox's error reaches Python as a JaxRuntimeError carrying the message.
     with pytest.raises((eqx.EquinoxRuntimeError, jax.errors.JaxRuntimeError), match="maximum number of solver steps"):
-        jax.block_until_ready(fn(y0))
+        jax.block_until_ready(fn(y0, args))
     # The same gradient without the failing lanes is silent.
     assert np.isfinite(np.asarray(jax.jit(jax.grad(lambda y: jnp.sum(_solve(y, args, max_steps=4096).ys)))(y0))).all()
 
@@ -82,3 +84,17 @@ def test_the_kernels_report_the_time_each_lane_reached(x64):
     np.testing.assert_array_equal(tiles.result, [0, 1, 1])
     np.testing.assert_array_equal(tiles.result, sol.result)
     np.testing.assert_allclose(tiles.t_final, sol.t_final, rtol=F64_TOL, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["jax", "pallas"])
+def test_a_lane_that_blows_up_with_fixed_steps_reports_where_it_stopped(x64, backend):
+    # dy/dt = k y^2 from y = 1 blows up at t = 1/k: the k = 5 lane goes non-finite near 0.2
+    # while the shared fixed-step times of the other lane run on to t1.
+    def field(t, y, k):
+        return k * y ** 2
+
+    sol = fusedrk.solve(field, jnp.ones(2), 0.0, 1.0, args=jnp.asarray([0.1, 5.0]), args_axes=0, dt0=0.01,
+                        throw=False, backend=backend, interpret=backend == "pallas")
+    np.testing.assert_array_equal(sol.result, [fusedrk.RESULTS.successful, fusedrk.RESULTS.nonfinite])
+    assert float(sol.t_final[0]) == 1.0
+    assert 0.1 < float(sol.t_final[1]) < 0.3, sol.t_final
