@@ -190,7 +190,7 @@ def catalogue_problem(v: CatalogueVariant):
     def loss(y0, args):
         # A chain longer than the kernels' limit is compiled only to measure it.
         saved = _problem.MAX_STATE_COMPONENTS
-        _problem.MAX_STATE_COMPONENTS = max(saved, limit or 0)
+        _problem.MAX_STATE_COMPONENTS = max(saved, 2 * (limit or 0))
         try:
             sol = fusedrk.solve(case.field, y0, 0.0, case.t1, args=args, args_axes=case.args_axes,
                                 backend="pallas", **kw)
