@@ -23,13 +23,13 @@ from . import _grid
 # counts as two (it takes two 32-bit registers), so float64 lanes take at most 8. Every
 # component keeps ~9 values per lane live in the forward loop (state, FSAL derivative, seven
 # stages) and more in the reverse. Chosen from the deviceless H100 compile of a cheap N-species
-# chain (bench/README.md, "Choosing MAX_STATE_COMPONENTS"; 2026-11-28): spills per thread,
-# forward / reverse kernel,
-#   float32, fixed steps:    N = 8: 0 / 0 B; N = 16: 0 / 576 B; N = 32: 1,076 / 5,084 B
-#   float64, adaptive steps: N = 8: 48 / 656 B
-# The rule: the largest power of two whose spills stay under 1 KB per thread in both kernels;
-# beyond it they grow tenfold (and the compile takes over 10 minutes). Fields above the limit
-# run on backend="jax".
+# chain (bench/README.md, "Choosing MAX_STATE_COMPONENTS"; 2026-11-28): bytes of spill stores
+# (ptxas -v), forward / reverse kernel,
+#   float32, fixed steps:    N = 8: 0 / 0 B;    N = 16: 0 / 576 B;       N = 32: 1,076 / 5,084 B
+#   float64, adaptive steps: N = 8: 48 / 656 B; N = 16: 1,628 / 4,852 B
+# The rule: the largest power of two whose spill stores stay under 1 KB in both kernels,
+# a float64 component counting as two; one doubling further they grow about tenfold (and the
+# compile takes over 10 minutes). Fields above the limit run on backend="jax".
 MAX_STATE_COMPONENTS = 16
 
 
