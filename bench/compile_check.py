@@ -1,12 +1,22 @@
 """Do the Pallas kernels compile for an H100? Checked without a GPU, through the public ``solve``.
 
-    python bench/compile_check.py [--variants NAME ...] [--json FILE]
+    python bench/compile_check.py [--group solves catalogue components] [--variants NAME ...]
+                                  [--json FILE] [--keep DIR]
 
-Two levels, over the same catalogue of solves (``VARIANTS``: float32/float64 x fixed/adaptive x
-``ts``/t1-only x forwards/backwards in time, per-lane, shared and integer arguments, B from 1 to
-65,536, and fields using ``jnp.where``/``jnp.clip``/``jax.nn.softplus``); each variant is the
-``jit(grad)`` of a loss through ``fusedrk.solve(backend="pallas")``, so it lowers one forward and
-one reverse kernel:
+Two levels, over groups of variants; each variant is the ``jit(grad)`` of a loss through
+``fusedrk.solve(backend="pallas")``, so it lowers one forward and one reverse kernel:
+
+- ``solves`` (``VARIANTS``): the solve's options on a two-component oscillator: float32/float64
+  x fixed/adaptive x ``ts``/t1-only x forwards/backwards in time, per-lane, shared and integer
+  arguments, B from 1 to 65,536, and fields using ``jnp.where``/``jnp.clip``/``jax.nn.softplus``.
+- ``catalogue`` (``CATALOGUE_VARIANTS``): every field of ``fusedrk.problems.catalogue`` at
+  B = 65,536 in float32 with fixed steps, a few in float64 with adaptive steps, and Lorenz as a
+  tuple of three scalar leaves (``lorenz-tuple``: the same field as ``lorenz-vector``) to compare
+  their instruction counts.
+- ``components`` (``COMPONENT_VARIANTS``, only on request): a Lotka-Volterra chain of N species
+  (N = 8 ... 128, above ``MAX_STATE_COMPONENTS`` too) to see where registers spill.
+
+By default the ``solves`` and ``catalogue`` groups run. Two levels of checking:
 
 - ``lower_variant`` (any jax >= 0.10.2, no extra packages; run by ``tests/test_compile.py`` in
   CI): lowers for CUDA on the CPU, captures each kernel's Triton module and runs the Triton IR
@@ -61,7 +71,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import fusedrk
-from fusedrk.kernels import _triton
+from fusedrk import problems
+from fusedrk.kernels import _problem, _triton
 
 warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
 
@@ -103,6 +114,46 @@ def _variants() -> list:
 VARIANTS = _variants()
 
 
+class CatalogueVariant(NamedTuple):
+    """A field of ``fusedrk.problems.catalogue``, ``lorenz-tuple``, or ``chain-N`` (N species),
+    solved from 0 to the case's t1 with its dt0 and three save times."""
+
+    field: str
+    dtype: str
+    adaptive: bool
+    B: int = 65536
+
+    @property
+    def name(self) -> str:
+        return f"catalogue-{self.field}-{self.dtype}-{'adaptive' if self.adaptive else 'fixed'}-B{self.B}"
+
+
+# float64 with adaptive steps: the 3-vector whose instruction count is compared with the tuple
+# version, the largest fields (kuramoto: 8 components, 64 sines; the MLP: ~300 tile products),
+# and the one with the most transcendental functions per component (the double pendulum).
+F64_ADAPTIVE = ("lorenz-vector", "double-pendulum", "kuramoto-8", "neural-ode-mlp")
+CATALOGUE_VARIANTS = (
+    [CatalogueVariant(name, "float32", False) for name in problems.CATALOGUE_NAMES]
+    + [CatalogueVariant(name, "float64", True) for name in F64_ADAPTIVE]
+    + [CatalogueVariant("lorenz-tuple", "float32", False), CatalogueVariant("lorenz-tuple", "float64", True)]
+)
+COMPONENTS = (8, 16, 32, 64, 128)
+COMPONENT_VARIANTS = ([CatalogueVariant(f"chain-{n}", "float32", False) for n in COMPONENTS]
+                      + [CatalogueVariant(f"chain-{n}", "float64", True) for n in COMPONENTS])
+GROUPS = {"solves": VARIANTS, "catalogue": CATALOGUE_VARIANTS, "components": COMPONENT_VARIANTS}
+
+
+def lorenz_tuple_field(t, y, p):
+    """``problems.lorenz_vector_field`` with the state as three scalar leaves."""
+    x, u, z = y
+    return (p["s"] * (u - x), x * (p["r"] - z) - u, x * u - p["b"] * z)
+
+
+def chain_field(t, y, k):
+    """N species in a ring, each eaten by the next: O(N) work, N live components per value."""
+    return y * (k - jnp.roll(y, 1))
+
+
 def oscillator(t, y, args):
     x, v = y["x"], y["v"]
     return {"x": v, "v": -args["k"] * x - args["c"] * v + 0.1 * args["n"] * jnp.cos(t)}
@@ -118,8 +169,42 @@ def natural(t, y, args):
 FIELDS = {"oscillator": oscillator, "natural": natural}
 
 
-def problem(v: Variant):
+def catalogue_problem(v: CatalogueVariant):
+    """(loss, (y0, args)) for a catalogue variant."""
+    dtype = jnp.dtype(v.dtype)
+    limit = None
+    if v.field.startswith("chain-"):
+        n = int(v.field.split("-")[1])
+        lanes = np.linspace(0.5, 1.5, v.B * n).reshape(v.B, n)
+        case = problems.Case(chain_field, jnp.asarray(lanes, dtype), jnp.asarray(lanes[:, 0] + 0.5, dtype), 0, 0.05, 0.3)
+        limit = n
+    elif v.field == "lorenz-tuple":
+        vec = problems.catalogue(v.B, dtype)["lorenz-vector"]
+        case = vec._replace(field=lorenz_tuple_field, y0=tuple(vec.y0[:, j] for j in range(3)))
+    else:
+        case = problems.catalogue(v.B, dtype)[v.field]
+    kw = dict(dt0=case.dt0, max_steps=64, throw=False, ts=np.linspace(0.0, case.t1, 3).astype(dtype))
+    if v.adaptive:
+        kw.update(rtol=1e-6, atol=1e-8)
+
+    def loss(y0, args):
+        # A chain longer than the kernels' limit is compiled only to measure it.
+        saved = _problem.MAX_STATE_COMPONENTS
+        _problem.MAX_STATE_COMPONENTS = max(saved, 2 * (limit or 0))
+        try:
+            sol = fusedrk.solve(case.field, y0, 0.0, case.t1, args=args, args_axes=case.args_axes,
+                                backend="pallas", **kw)
+        finally:
+            _problem.MAX_STATE_COMPONENTS = saved
+        return sum(jnp.sum(jnp.sin(x)) for x in jax.tree_util.tree_leaves(sol.ys))
+
+    return loss, (case.y0, case.args)
+
+
+def problem(v):
     """(loss, (y0, args)) for ``jax.grad(loss, argnums=(0, 1))``; times are concrete."""
+    if isinstance(v, CatalogueVariant):
+        return catalogue_problem(v)
     dtype = jnp.dtype(v.dtype)
     B = v.B
     lanes = np.linspace(0.5, 1.5, B).astype(dtype)
@@ -230,8 +315,13 @@ def compile_variant(v: Variant, mesh, dump: str, ptxas: str, keep: str | None = 
     with jax.enable_x64(v.dtype == "float64"):
         fn, inputs = _grad_fn(v)
         specs = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), inputs)
-        with _triton.gpu_lowering(mesh=mesh.abstract_mesh) as modules:
-            lowered = fn.trace(*specs).lower()
+        try:
+            with _triton.gpu_lowering(mesh=mesh.abstract_mesh) as modules:
+                lowered = fn.trace(*specs).lower()
+        except Exception as e:  # a field the kernels refuse, or a lowering bug: a failed row, not a crash
+            message = f"tracing/lowering: {type(e).__name__}: {first_error(str(e)) or e}"
+            return [{"variant": v.name, "kernel": kernel, "verify": None, "error": message}
+                    for kernel in ("fusedrk_forward", "fusedrk_reverse")]
         rows = [{"variant": v.name, "kernel": _triton.kernel_name(m), "verify": _triton.verify_error(m)}
                 for m in modules]
         start = time.perf_counter()
@@ -279,13 +369,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         prog="python bench/compile_check.py", description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--variants", nargs="*", help="variant names (default: all); see --list")
-    parser.add_argument("--list", action="store_true", help="print the variant names and exit")
+    parser.add_argument("--group", nargs="*", choices=sorted(GROUPS), default=["solves", "catalogue"],
+                        help="groups of variants to run (see this file's docstring)")
+    parser.add_argument("--variants", nargs="*", help="variant names, of any group (default: all of --group); see --list")
+    parser.add_argument("--list", action="store_true", help="print the variant names of --group and exit")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--keep", help="copy each kernel's PTX into this folder")
     opts = parser.parse_args()
+    grouped = [v for g in opts.group for v in GROUPS[g]]
     if opts.list:
-        print("\n".join(v.name for v in VARIANTS))
+        print("\n".join(v.name for v in grouped))
         return 0
     try:
         from jax.experimental import topologies
@@ -305,7 +398,12 @@ def main() -> int:
           f"(deviceless), {time.strftime('%Y-%m-%d')}", flush=True)
     if opts.keep:
         os.makedirs(opts.keep, exist_ok=True)
-    chosen = [v for v in VARIANTS if not opts.variants or v.name in opts.variants]
+    every = {v.name: v for g in GROUPS.values() for v in g}
+    unknown = [name for name in opts.variants or () if name not in every]
+    if unknown:
+        print(f"unknown variants: {unknown}; see --list", file=sys.stderr)
+        return 2
+    chosen = [every[name] for name in opts.variants] if opts.variants else grouped
     rows = []
     for v in chosen:
         new = compile_variant(v, mesh, os.path.join(_DUMP, "xla"), ptxas, opts.keep)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, NamedTuple
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class Problem(NamedTuple):
@@ -149,3 +151,141 @@ def _linear_make(B, dt):
 LINEAR = Problem("linear", linear_field, _linear_make, {"A": None, "b": 0}, 0.0, 4.0, 0.05)
 
 PROBLEMS = {p.name: p for p in (SEED, SEED_NL, DECAY, LORENZ, VDP, LOTKA_VOLTERRA, LINEAR)}
+
+
+# -- the catalogue: fields written the way research code writes them ------------------------
+# Small arrays per ODE, indexing, stack, matmul, reductions, jax.nn; per-lane and shared
+# arguments. The kernels must take every one (tests/test_catalogue.py holds them equal to the
+# jax backend; bench/compile_check.py compiles them for an H100).
+
+
+def lorenz_vector_field(t, y, p):  # the state as a [3] vector (LORENZ above: three scalar leaves)
+    x, u, z = y[0], y[1], y[2]
+    return jnp.stack([p["s"] * (u - x), x * (p["r"] - z) - u, x * u - p["b"] * z])
+
+
+def oscillator_field(t, y, p):  # p = [omega, zeta] per lane
+    return jnp.array([y[1], -p[0] ** 2 * y[0] - 2 * p[1] * p[0] * y[1]])
+
+
+def lotka_volterra_n_field(t, y, p):  # growth [N] per lane, interaction [N, N] shared
+    return y * (p["r"] + p["A"] @ y)
+
+
+def seir_field(t, y, p):  # p = [beta, sigma, gamma, mu] per lane
+    s, e, i, r = y
+    beta, sigma, gamma, mu = p[0], p[1], p[2], p[3]
+    n = jnp.sum(y)
+    return jnp.array([mu * n - beta * s * i / n - mu * s, beta * s * i / n - (sigma + mu) * e,
+                      sigma * e - (gamma + mu) * i, gamma * i - mu * r])
+
+
+def kuramoto_field(t, theta, p):  # natural frequencies [N] per lane, coupling shared
+    return p["omega"] + p["K"] / theta.shape[0] * jnp.sum(jnp.sin(theta[None, :] - theta[:, None]), axis=1)
+
+
+def neural_ode_field(t, y, w):  # MLP 4 -> 32 -> 4, shared weights
+    h = jnp.tanh(w["W1"] @ y + w["b1"])
+    return w["W2"] @ h + w["b2"]
+
+
+def fitzhugh_nagumo_field(t, y, p):
+    v, w = y[0], y[1]
+    return jnp.stack([v - v ** 3 / 3 - w + p["I"], (v + p["a"] - p["b"] * w) / p["tau"]])
+
+
+def hodgkin_huxley_field(t, y, p):
+    v, m, h, n = y
+    am = 0.1 * (v + 40.0) / (1.0 - jnp.exp(-(v + 40.0) / 10.0))
+    bm = 4.0 * jnp.exp(-(v + 65.0) / 18.0)
+    ah = 0.07 * jnp.exp(-(v + 65.0) / 20.0)
+    bh = 1.0 / (1.0 + jnp.exp(-(v + 35.0) / 10.0))
+    an = 0.01 * (v + 55.0) / (1.0 - jnp.exp(-(v + 55.0) / 10.0))
+    bn = 0.125 * jnp.exp(-(v + 65.0) / 80.0)
+    g = p["g"]  # [3] shared conductances
+    current = g[0] * m ** 3 * h * (v - 50.0) + g[1] * n ** 4 * (v + 77.0) + g[2] * (v + 54.4)
+    return jnp.array([p["I"] - current, am * (1 - m) - bm * m, ah * (1 - h) - bh * h, an * (1 - n) - bn * n])
+
+
+def double_pendulum_field(t, y, p):
+    th1, th2, w1, w2 = y[0], y[1], y[2], y[3]
+    m1, m2, l1, l2, g = p["m1"], p["m2"], p["l"][0], p["l"][1], 9.81
+    d = th1 - th2
+    den = 2 * m1 + m2 - m2 * jnp.cos(2 * d)
+    a1 = (-g * (2 * m1 + m2) * jnp.sin(th1) - m2 * g * jnp.sin(th1 - 2 * th2)
+          - 2 * jnp.sin(d) * m2 * (w2 ** 2 * l2 + w1 ** 2 * l1 * jnp.cos(d))) / (l1 * den)
+    a2 = 2 * jnp.sin(d) * (w1 ** 2 * l1 * (m1 + m2) + g * (m1 + m2) * jnp.cos(th1) + w2 ** 2 * l2 * m2 * jnp.cos(d)) / (l2 * den)
+    return jnp.stack([w1, w2, a1, a2])
+
+
+def reaction_network_field(t, c, p):  # stoichiometry [3, 4] shared, rate constants [4] per lane
+    a, b, x = c
+    rates = p["k"] * jnp.array([a, a * b, x, b ** 2])
+    return p["S"] @ rates
+
+
+def rigid_body_field(t, w, inertia):  # Euler's equations, principal moments [3] per lane
+    return jnp.cross(inertia * w, w) / inertia
+
+
+def pytree_state_field(t, y, p):  # a scalar leaf and a [3] leaf
+    x, v = y["x"], y["v"]
+    return {"x": jnp.dot(v, v) * -p["c"] + 0.1 * x, "v": -p["k"] * v * x + jnp.roll(v, 1) * 0.3}
+
+
+def piecewise_field(t, y, p):
+    soft = jnp.where(y > 0, jax.nn.softplus(y), jnp.clip(y, -1.0, 1.0))
+    return -p * soft + jax.nn.relu(1.0 - y) * 0.5 - jax.nn.sigmoid(y[::-1]) * y
+
+
+class Case(NamedTuple):
+    """One catalogue entry, built for a batch: solve from t = 0 to ``t1``."""
+
+    field: Callable
+    y0: Any  # leaves with leading axis B
+    args: Any
+    args_axes: Any
+    dt0: float
+    t1: float
+
+
+def catalogue(B: int, dtype=jnp.float32) -> dict:
+    """name -> Case for B lanes, every array in ``dtype`` (float64 needs jax_enable_x64).
+
+    Values come from one seeded generator, drawn in the order below: a given B gives the same
+    numbers in every dtype."""
+    rng = np.random.default_rng(0)
+    a = lambda x: jnp.asarray(x, dtype)  # noqa: E731
+    lanes = lambda shape, lo=0.5, hi=1.5: a(rng.uniform(lo, hi, (B,) + shape))  # noqa: E731
+    mlp = {"W1": rng.normal(size=(32, 4)) / 2, "b1": rng.normal(size=32) / 4, "W2": rng.normal(size=(4, 32)) / 4,
+           "b2": rng.normal(size=4) / 4}
+    mlp = {k: a(v) for k, v in mlp.items()}
+    return {
+        "lorenz-vector": Case(lorenz_vector_field, lanes((3,)), {"s": a(10.0), "r": lanes((), 20, 30), "b": a(8 / 3)},
+                              {"s": None, "r": 0, "b": None}, 0.01, 0.05),
+        "oscillator": Case(oscillator_field, lanes((2,)), lanes((2,), 0.2, 2.0), 0, 0.1, 0.5),
+        "lotka-volterra-5": Case(lotka_volterra_n_field, lanes((5,)), {"r": lanes((5,)), "A": -a(rng.uniform(0.1, 1, (5, 5)))},
+                                 {"r": 0, "A": None}, 0.05, 0.3),
+        "seir": Case(seir_field, lanes((4,), 0.1, 1.0), lanes((4,), 0.1, 0.5), 0, 0.1, 0.5),
+        "kuramoto-8": Case(kuramoto_field, lanes((8,), -3, 3), {"omega": lanes((8,)), "K": a(2.0)},
+                           {"omega": 0, "K": None}, 0.05, 0.3),
+        "neural-ode-mlp": Case(neural_ode_field, lanes((4,), -1, 1), mlp, None, 0.05, 0.3),
+        "fitzhugh-nagumo": Case(fitzhugh_nagumo_field, lanes((2,), -1, 1), {"I": lanes(()), "a": a(0.7), "b": a(0.8), "tau": a(12.5)},
+                                {"I": 0, "a": None, "b": None, "tau": None}, 0.1, 0.5),
+        "hodgkin-huxley": Case(hodgkin_huxley_field, jnp.stack([lanes((), -70, -60), lanes((), 0.05, 0.1), lanes((), 0.5, 0.6), lanes((), 0.3, 0.4)], 1),
+                               {"I": lanes((), 5, 15), "g": a([120.0, 36.0, 0.3])}, {"I": 0, "g": None}, 0.01, 0.05),
+        "double-pendulum": Case(double_pendulum_field, lanes((4,), -1, 1), {"m1": a(1.0), "m2": lanes(()), "l": lanes((2,))},
+                                {"m1": None, "m2": 0, "l": 0}, 0.02, 0.1),
+        "reaction-network": Case(reaction_network_field, lanes((3,)), {"S": a([[-1.0, -1, 0, 0], [0, -1, 1, -2], [1, 1, -1, 0]]), "k": lanes((4,))},
+                                 {"S": None, "k": 0}, 0.05, 0.3),
+        "rigid-body": Case(rigid_body_field, lanes((3,), -1, 1), lanes((3,), 1, 3), 0, 0.05, 0.3),
+        "pytree-state": Case(pytree_state_field, {"x": lanes(()), "v": lanes((3,))}, {"c": a(0.2), "k": lanes(())},
+                             {"c": None, "k": 0}, 0.05, 0.3),
+        "piecewise": Case(piecewise_field, lanes((3,), -2, 2), lanes((), 0.5, 2), 0, 0.05, 0.3),
+    }
+
+
+# catalogue()'s keys, sorted, without building any array.
+CATALOGUE_NAMES = ("double-pendulum", "fitzhugh-nagumo", "hodgkin-huxley", "kuramoto-8", "lorenz-vector",
+                   "lotka-volterra-5", "neural-ode-mlp", "oscillator", "piecewise", "pytree-state",
+                   "reaction-network", "rigid-body", "seir")

@@ -28,12 +28,13 @@ class Unsupported(Exception):
     """The field uses something with no static per-lane meaning; the message says what."""
 
 
-# Elementwise primitives: applied tile by tile.
+# Elementwise primitives: applied tile by tile. one_minus_square: jax >= 0.11 writes tanh's
+# derivative with it (1 - tanh^2), so every field with a tanh has it in its VJP.
 ELEMENTWISE = frozenset(
     """abs acos acosh add add_any asin asinh atan atan2 atanh cbrt ceil clamp convert_element_type
     cos cosh div eq erf erf_inv erfc exp exp2 expm1 floor ge gt imag integer_pow is_finite le lgamma
     digamma log log1p logistic lt max min mul ne neg nextafter not or pow real reduce_precision rem
-    round rsqrt select_n sign sin sinh sqrt square sub tan tanh xor and copy copy_p
+    round rsqrt select_n sign sin sinh sqrt square sub tan tanh xor and copy copy_p one_minus_square
     shift_left shift_right_logical shift_right_arithmetic population_count""".split()
 )
 

@@ -19,11 +19,23 @@ import jax.numpy as jnp
 
 from . import _grid
 
-# The most state components one lane may have in the kernels. Every component keeps ~9 values
-# per lane live in the forward loop (state, FSAL derivative, seven stages) and more in the
-# reverse. Provisional: not yet chosen from the deviceless compile's register and spill counts
-# of the catalogue (tests/test_catalogue.py), which is still to be run.
-MAX_STATE_COMPONENTS = 64
+# The most float32 state components one lane may have in the kernels; a float64 component
+# counts as two (it takes two 32-bit registers), so float64 lanes take at most 8. Every
+# component keeps ~9 values per lane live in the forward loop (state, FSAL derivative, seven
+# stages) and more in the reverse. Chosen from the deviceless H100 compile of a cheap N-species
+# chain (bench/README.md, "Choosing MAX_STATE_COMPONENTS"; 2026-11-28): bytes of spill stores
+# (ptxas -v), forward / reverse kernel,
+#   float32, fixed steps:    N = 8: 0 / 0 B;    N = 16: 0 / 576 B;       N = 32: 1,076 / 5,084 B
+#   float64, adaptive steps: N = 8: 48 / 656 B; N = 16: 1,628 / 4,852 B
+# The rule: the largest power of two whose spill stores stay under 1 KB in both kernels,
+# a float64 component counting as two; one doubling further they grow about tenfold (and the
+# compile takes over 10 minutes). Fields above the limit run on backend="jax".
+MAX_STATE_COMPONENTS = 16
+
+
+def state_component_limit(dtype) -> int:
+    """MAX_STATE_COMPONENTS for a state of this dtype: halved for 8-byte components."""
+    return MAX_STATE_COMPONENTS * 4 // max(4, jnp.dtype(dtype).itemsize)
 
 
 class TileProblem(NamedTuple):
@@ -189,9 +201,10 @@ def unsupported_reason(problem: TileProblem, y0: tuple, diff: list, nondiff: lis
         tiles = problem.on_tiles(y0, diff, nondiff, tdtype)
     except Exception as error:  # noqa: BLE001 - the jax backend will report it properly
         return f"tracing the field failed ({type(error).__name__}: {error})"
-    if tiles.num_components > MAX_STATE_COMPONENTS:
+    limit = state_component_limit(y0[0].dtype)
+    if tiles.num_components > limit:
         return (f"one lane has {tiles.num_components} state components; the kernels take at most "
-                f"{MAX_STATE_COMPONENTS} (more would spill registers)")
+                f"{limit} in {jnp.dtype(y0[0].dtype).name} (more spill registers)")
     # Evaluate both the field and its VJP on abstract 4-lane tiles: exactly what the kernels do.
     tile = 4
     y = tuple(jax.ShapeDtypeStruct((tile,), y0[0].dtype) for _ in range(tiles.num_components))

@@ -2,8 +2,9 @@
 
 Lowering does not verify the IR; XLA does, when it compiles on the GPU, which is where an
 invalid kernel used to be found first. Here every kernel of ``bench/compile_check.VARIANTS``
-(lowered through the public ``solve``) goes through the Triton IR verifier, on jax 0.10.2 and
-on 0.11.x (an abstract H100). The full compile through XLA's GPU pipeline runs when the CUDA
+(lowered through the public ``solve``), and of one catalogue field (the full catalogue is left
+to ``bench/compile_check.py``: its kernels are larger), goes through the Triton IR verifier, on
+jax 0.10.2 and on 0.11.x (an abstract H100). The full compile through XLA's GPU pipeline runs when the CUDA
 plugin is installed (see bench/compile_check.py) and is skipped otherwise.
 """
 
@@ -24,7 +25,11 @@ from fusedrk.kernels import _triton
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("variant", compile_check.VARIANTS, ids=lambda v: v.name)
+# float64, adaptive steps, a [8] state with broadcasting, sines and a reduction in the field.
+CI_CATALOGUE = [compile_check.CatalogueVariant("kuramoto-8", "float64", True)]
+
+
+@pytest.mark.parametrize("variant", compile_check.VARIANTS + CI_CATALOGUE, ids=lambda v: v.name)
 def test_every_kernel_verifies(variant):
     kernels = compile_check.lower_variant(variant)
     assert [name for name, _ in kernels] == ["fusedrk_forward", "fusedrk_reverse"]
@@ -79,3 +84,9 @@ def test_full_compile_for_an_h100():
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and "| yes |" in line]
     assert len(rows) == 4, out.stdout[-3000:]
+
+
+def test_the_bench_compiles_every_catalogue_field():
+    from fusedrk import problems
+
+    assert {v.field for v in compile_check.CATALOGUE_VARIANTS} >= set(problems.CATALOGUE_NAMES)
