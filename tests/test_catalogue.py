@@ -97,3 +97,28 @@ def test_a_field_closing_over_a_traced_array_is_refused():
 
     with pytest.raises(ValueError, match=r"closes over a traced array.*args.*backend=\"jax\""):
         run(jnp.asarray(2.0))
+
+
+class _Chosen(Exception):
+    pass
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_auto_picks_the_kernels_on_a_gpu(monkeypatch, name):
+    """backend="auto" on a GPU takes the kernels for every catalogue field: the real decision
+    in solve, with the device reported as a GPU and the core replaced by a recorder."""
+    from fusedrk import _solve
+
+    chosen = {}
+
+    def record(*args, backend, **kwargs):
+        chosen["backend"] = backend
+        raise _Chosen
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(_solve, "_check_pallas_device", lambda backend, interpret: None)
+    monkeypatch.setattr(_solve, "_make_core", record)
+    field, y0, args, axes, dt0, t1 = problems.catalogue(3, jnp.float32)[name]
+    with pytest.raises(_Chosen):
+        fusedrk.solve(field, y0, 0.0, t1, args=args, args_axes=axes, dt0=dt0, rtol=1e-6, atol=1e-6)
+    assert chosen["backend"] == "pallas"
