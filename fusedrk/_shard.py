@@ -63,23 +63,24 @@ def check_sharding_argument(sharding) -> None:
         raise ValueError(f"sharding must partition axis 0, the batch axis; got spec {sharding.spec}")
 
 
-def _pad(x, lanes: int):
-    """x with its last lane repeated up to ``lanes`` lanes: padding lanes solve a real problem,
-    so no NaN reaches a shared reduction, and their outputs are dropped."""
+def repeat_last_lane(x, lanes: int):
+    """x ([B, ...]) with its last lane repeated up to ``lanes`` lanes: padding lanes solve a
+    real problem, so no NaN reaches a shared reduction, and their outputs are dropped (the
+    kernels pad to whole tiles the same way)."""
     extra = lanes - x.shape[0]
-    return x if extra == 0 else jnp.concatenate([x, jnp.repeat(x[-1:], extra, axis=0)])
+    return x if extra <= 0 else jnp.concatenate([x, jnp.repeat(x[-1:], extra, axis=0)])
 
 
 def sharded(core: Callable, where: BatchSharding, B: int, *, per_lane: tuple,
-            check: Callable = lambda out: out) -> Callable:
+            check: Optional[Callable] = None) -> Callable:
     """``core`` run once per device on its share of the lanes.
 
     ``core(*operands)`` takes operands whose leaves are per lane (leading axis B) or shared
     (the flags in ``per_lane``, one per operand: a bool, or a sequence of bools for a list
     operand) and returns a tuple of outputs whose leaves all lead with B. The returned function
     has the same signature; it pads B to a multiple of the device count, and its outputs are
-    sharded like the input lanes and cut back to B. ``check(outputs)`` runs on each device's
-    outputs inside the per-device body (a runtime check that must not gather them).
+    sharded like the input lanes and cut back to B. ``check(outputs)``, if given, runs on each
+    device's outputs inside the per-device body (a runtime check that must not gather them).
     """
     lanes = -(-B // where.devices) * where.devices
     lane_spec = PartitionSpec(where.axes)
@@ -91,8 +92,8 @@ def sharded(core: Callable, where: BatchSharding, B: int, *, per_lane: tuple,
 
     def padded(operand, flags):
         if isinstance(flags, bool):
-            return jax.tree_util.tree_map(lambda x: _pad(x, lanes), operand) if flags else operand
-        return [_pad(x, lanes) if f else x for x, f in zip(operand, flags)]
+            return jax.tree_util.tree_map(lambda x: repeat_last_lane(x, lanes), operand) if flags else operand
+        return [repeat_last_lane(x, lanes) if f else x for x, f in zip(operand, flags)]
 
     explicit = any(t == jax.sharding.AxisType.Explicit for t in getattr(where.mesh, "axis_types", ()))
 
@@ -114,7 +115,8 @@ def sharded(core: Callable, where: BatchSharding, B: int, *, per_lane: tuple,
         # the cotangents of replicated inputs over the devices.
         # Under jax.jit: called eagerly, shard_map would run the core one operation at a time
         # on every device (measured ~10x slower than compiling it).
-        run = jax.jit(jax.shard_map(lambda *ops: check(core(*ops)), mesh=where.mesh, in_specs=in_specs,
+        body = core if check is None else lambda *ops: check(core(*ops))
+        run = jax.jit(jax.shard_map(body, mesh=where.mesh, in_specs=in_specs,
                                     out_specs=lane_spec, check_vma=False))
         out = run(*operands)
         if lanes == B:

@@ -129,8 +129,8 @@ def solve(
     (``jax.hessian``) runs on backend "jax".
 
     ``tape_rows``: iterations the gradient tape holds (a ring). A reverse pass over a solve
-    that ran more iterations re-runs each earlier segment of ``tape_rows`` iterations once from
-    a checkpoint; ``Solution.stats["num_replayed_iterations"]`` says how many (0: no replay).
+    of N > ``tape_rows`` iterations re-runs its first N - ``tape_rows`` iterations once, from
+    segment checkpoints; ``Solution.stats["num_replayed_iterations"]`` says how many (0: no replay).
     None chooses: every iteration for fixed steps with concrete times, otherwise as many rows
     as fit the backend's memory budget (at most ``max_steps``).
     See docs/design.md for the full contract.
@@ -207,11 +207,11 @@ def solve(
     check_per_device = throw and traced and split is not None
     if split is not None:
         def check(out):
-            return (_raise_if_failed(out[0], out[3]),) + tuple(out[1:]) if check_per_device else out
+            return (_raise_if_failed(out[0], out[3]),) + tuple(out[1:])
 
         core = _shard.sharded(core, split, B, per_lane=(
             True, [a == 0 for a in layout.diff_axes], [a == 0 for a in layout.nondiff_axes],
-            False, False, False, False, False, False), check=check)
+            False, False, False, False, False, False), check=check if check_per_device else None)
 
     zero_t = jnp.zeros((), tdtype)
     times = dict(t0=t0, t1=t1, dt0=zero_t if dt0 is None else dt0, ts=jnp.zeros((1,), tdtype) if ts is None else ts,
@@ -303,6 +303,11 @@ def _flatten_state(y0):
     return y_treedef, leaves, B
 
 
+def _direction(t0, t1):
+    """+1 for a solve forwards in time, -1 backwards (diffrax's ``direction``)."""
+    return jnp.where(t0 < t1, 1, -1)
+
+
 def _time_dtype(t0, t1, dt0, ts):
     # Array-likes (a list of save times) count as the arrays they make, as diffrax takes them.
     timelikes = [jnp.asarray(x) if isinstance(x, (list, tuple)) else x
@@ -345,7 +350,7 @@ def _check_times(t0, t1, dt0, ts, known):
             if np.any(cts < lo) or np.any(cts > hi):
                 raise ValueError(f"{outside}; got ts={cts}, t0={c0}, t1={c1}")
         else:
-            direction = jnp.where(t0 < t1, 1, -1)
+            direction = _direction(t0, t1)
             ts = eqx.branched_error_if(ts, jnp.any(jnp.diff(ts * direction) < 0), direction < 0, unsorted)
             lo, hi = jnp.minimum(t0, t1), jnp.maximum(t0, t1)
             ts = eqx.error_if(ts, jnp.any((ts < lo) | (ts > hi)), outside)
@@ -725,7 +730,7 @@ def _make_core(lane_fn, layout: _ArgsLayout, config, plan: TapePlan, *, choose_d
         tile = kernels.TileProblem(lane_fn, layout.diff_axes, layout.nondiff_axes)
 
     def internal_times(t0, t1, dt0, ts, rtol, atol):
-        direction = jnp.where(t0 < t1, 1, -1)
+        direction = _direction(t0, t1)
         return _reference.Times(
             direction=direction,
             t_start=t0 * direction,
@@ -755,7 +760,7 @@ def _make_core(lane_fn, layout: _ArgsLayout, config, plan: TapePlan, *, choose_d
             iters = jnp.broadcast_to(fwd.num_iters, (B,))
         replayed = _schedule.replayed_iterations(iters, config.tape_rows).astype(jnp.int32)
         # The user's time each lane reached (internal times run forwards).
-        t_final = fwd.t_final * jnp.where(t0 < t1, 1, -1).astype(fwd.t_final.dtype)
+        t_final = fwd.t_final * _direction(t0, t1).astype(fwd.t_final.dtype)
         return fwd.ys, fwd.num_accepted, fwd.num_rejected, fwd.result, replayed, t_final
 
     @jax.custom_vjp

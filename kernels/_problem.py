@@ -17,6 +17,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fusedrk._shard import repeat_last_lane
+
 from . import _grid
 
 # The most float32 state components one lane may have in the kernels; a float64 component
@@ -239,6 +241,5 @@ def pad_lanes(padded: int, *arrays_and_axes):
     Arguments come as (arrays, axes) pairs; shared (axis None) arrays pass through."""
     out = []
     for arrays, axes in arrays_and_axes:
-        out.append([jnp.pad(x, (0, padded - x.shape[0]), mode="edge") if a == 0 and padded > x.shape[0] else x
-                    for x, a in zip(arrays, axes)])
+        out.append([repeat_last_lane(x, padded) if a == 0 else x for x, a in zip(arrays, axes)])
     return out

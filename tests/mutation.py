@@ -110,8 +110,8 @@ MUTANTS = [
            KERNELS, "the reverse kernel sweeps rejected steps"),
     Mutant("kernels/reverse.py", "                mask = saved_at == n", "                mask = saved_at >= n", KERNELS,
            "a save's cotangent injected more than once"),
-    Mutant("kernels/_problem.py", "jnp.pad(x, (0, padded - x.shape[0]), mode=\"edge\")",
-           "jnp.pad(x, (0, padded - x.shape[0]))", KERNELS,
+    Mutant("fusedrk/_shard.py", "jnp.concatenate([x, jnp.repeat(x[-1:], extra, axis=0)])",
+           "jnp.concatenate([x, jnp.zeros((extra,) + x.shape[1:], x.dtype)])", KERNELS,
            "padded lanes start at zero: a field NaN there poisons shared cotangents"),
     # -- AllSaveAdjoint
     Mutant("fusedrk/_allsave.py", "            pullback = jax.tree_util.tree_unflatten(treedef, [b[n - 1 - i] for b in buffers])",
