@@ -339,27 +339,40 @@ def backward(config: Config, field, field_vjp, times: Times, y0: tuple, fwd: For
         pointer = jnp.full((B,), -1, jnp.int32)
     t_start = _lane_times(config, times.t_start, B)
 
-    def inject_saves(n, tprev, tnext, pointer):
-        """Cotangents of outputs saved in iteration n, walking the save pointer down."""
+    def due_iteration(p):
+        """The iteration that produced save p of each lane (-1 when p < 0: none is left)."""
+        return jnp.where(p >= 0, fwd.save_iter[lanes, jnp.maximum(p, 0)], -1)
 
-        def pending(s):
-            p = s[0]
-            return (p >= 0) & (fwd.save_iter[lanes, jnp.maximum(p, 0)] == n)
+    def inject_saves(n, tprev, tnext, pointer, due):
+        """Cotangents of outputs saved in iteration n, walking the save pointer down. One
+        save per step is the common case: it is taken unconditionally, further ones in a loop."""
 
-        def one(s):
-            p, y0_bar, k_bars = s
-            mask = pending(s)
+        def pending(p, due):
+            # p >= 0 too: under jax.vmap a group that has run out of iterations sweeps with
+            # n < 0, which must not match the -1 of "no save left".
+            return (p >= 0) & (due == n)
+
+        def one(p, due):
+            mask = pending(p, due)
             safe = jnp.maximum(p, 0)
             theta = _step.linear_rescale(tprev, times.ts[safe], tnext)
             g = tuple(jnp.where(_step.lane(mask, b[lanes, safe]), b[lanes, safe], 0) for b in ys_bar)
-            y0_bar, k_bars = _step.interpolate_vjp(theta, g, y0_bar, k_bars)
-            return p - mask, y0_bar, k_bars
+            p = p - mask
+            return p, jnp.where(mask, due_iteration(p), due), theta, g
 
-        k_bars = tuple(zeros for _ in range(NUM_STAGES))
-        init = (pointer, zeros, k_bars)
         if not config.save_ts:
-            return init
-        return lax.while_loop(lambda s: jnp.any(pending(s)), one, init)
+            k_bars = tuple(zeros for _ in range(NUM_STAGES))
+            return pointer, due, zeros, k_bars
+        pointer, due, theta, g = one(pointer, due)
+        y0_bar, k_bars = _step.interpolate_vjp(theta, g)
+
+        def more(s):
+            p, d, y0_bar, k_bars = s
+            p, d, theta, g = one(p, d)
+            y0_bar, k_bars = _step.interpolate_vjp(theta, g, y0_bar, k_bars)
+            return p, d, y0_bar, k_bars
+
+        return lax.while_loop(lambda s: jnp.any(pending(s[0], s[1])), more, (pointer, due, y0_bar, k_bars))
 
     def replay(c, segment, start, count):
         tape = c[0]
@@ -374,7 +387,7 @@ def backward(config: Config, field, field_vjp, times: Times, y0: tuple, fwd: For
         return (tape,) + c[1:]
 
     def sweep(c, n, row):
-        tape, y_bar, f_bar, args_bar, pointer = c
+        tape, y_bar, f_bar, args_bar, pointer, due = c
         in_loop = n >= 0
 
         def stage_vjp(t, y, f_bar):
@@ -384,7 +397,7 @@ def backward(config: Config, field, field_vjp, times: Times, y0: tuple, fwd: For
         tprev, tnext = tape.tprev[row], tape.tnext[row]
         y_start = tuple(buf[row] for buf in tape.y)
         ks = tuple(tuple(buf[row, s] for buf in tape.k) for s in range(TAPE_STAGES))
-        pointer, y0_bar_saves, k_bars = inject_saves(n, tprev, tnext, pointer)
+        pointer, due, y0_bar_saves, k_bars = inject_saves(n, tprev, tnext, pointer, due)
         control = times.direction * (tnext - tprev)
         y0_bar, f0_bar, step_args_bar = _step.tsit5_step_vjp(
             stage_vjp, tprev, tnext, y_start, ks, control, mask, y_bar, f_bar, y0_bar_saves, k_bars
@@ -392,10 +405,10 @@ def backward(config: Config, field, field_vjp, times: Times, y0: tuple, fwd: For
         y_bar = _step.lane_where(mask, y0_bar, y_bar)
         f_bar = _step.lane_where(mask, f0_bar, f_bar)
         args_bar = jax.tree_util.tree_map(jnp.add, args_bar, step_args_bar)
-        return tape, y_bar, f_bar, args_bar, pointer
+        return tape, y_bar, f_bar, args_bar, pointer, due
 
-    _, y_bar, f_bar, args_bar, _ = _schedule.reverse_loop(
-        fwd.num_iters, config.tape_rows, (fwd.tape, y_bar, zeros, args_bar, pointer),
+    _, y_bar, f_bar, args_bar, _, _ = _schedule.reverse_loop(
+        fwd.num_iters, config.tape_rows, (fwd.tape, y_bar, zeros, args_bar, pointer, due_iteration(pointer)),
         replay=replay, sweep=sweep,
     )
     # The first step's FSAL stage: the field at the initial point.

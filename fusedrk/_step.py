@@ -21,7 +21,7 @@ diffrax does in diffeqsolve; the field is evaluated at ``direction * t`` by the 
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -312,14 +312,15 @@ def interpolate(theta, y0: State, ks: tuple) -> State:
     return tuple(out)
 
 
-def interpolate_vjp(theta, y_bar: State, y0_bar: State, k_bars: tuple) -> tuple:
-    """Add the cotangent of one interpolated output to those of y0 and of the seven k_i."""
+def interpolate_vjp(theta, y_bar: State, y0_bar: Optional[State] = None, k_bars: Optional[tuple] = None) -> tuple:
+    """Add the cotangent of one interpolated output to those of y0 and of the seven k_i
+    (or, without them, return its own: y_bar and w_i(theta) y_bar)."""
     weights = dense_weights(theta)
+    own = tuple(tuple(lane(w, g) * g for g in y_bar) for w in weights)
+    if y0_bar is None:
+        return tuple(y_bar), own
     y0_bar = tuple(a + b for a, b in zip(y0_bar, y_bar))
-    k_bars = tuple(
-        tuple(kb + lane(w, g) * g for kb, g in zip(k_bar, y_bar))
-        for w, k_bar in zip(weights, k_bars)
-    )
+    k_bars = tuple(tuple(kb + x for kb, x in zip(k_bar, o)) for k_bar, o in zip(k_bars, own))
     return y0_bar, k_bars
 
 
