@@ -2,10 +2,11 @@
 
 Owns: a while loop whose reverse mode stores, for every iteration actually taken, the
 residuals of the loop body's linearisation (what ``jax.vjp`` of one solver step keeps: stage
-values, controller decisions, save indices) in buffers of ``max_steps`` rows, and whose
-backward pass applies those stored linearisations in reverse order: time O(n), memory O(n),
-and no step is ever re-run. ``AllSaveAdjoint`` plugs it into ``diffrax.diffeqsolve`` as the
-outer loop; any explicit solver, step-size controller and SaveAt that diffrax supports work.
+values, controller decisions, save indices) in buffers of ``max_steps`` rows (one row per
+dtype), and whose backward pass applies those stored linearisations in reverse order: time
+O(n), memory O(max_steps), and no step is ever re-run. ``AllSaveAdjoint`` plugs it into
+``diffrax.diffeqsolve`` as the outer loop and as the loop that saves at ``ts`` inside a
+step; any explicit solver, step-size controller and SaveAt that diffrax supports work.
 
 Compared with diffrax's adjoints: ``RecursiveCheckpointAdjoint`` stores only step end states
 and recomputes each step in the backward pass; ``DirectAdjoint`` also avoids recomputation but
@@ -64,6 +65,39 @@ def _residual_bytes(shapes) -> int:
     return sum(jnp.dtype(s.dtype).itemsize * math.prod(s.shape) for s in shapes)
 
 
+def _packer(shapes, small: int = 1024):
+    """Buffers for a list of residuals: those of at most ``small`` elements packed into one
+    flat row per dtype, each larger one in a buffer of its own; ``pack`` and ``unpack`` map
+    between the list and the rows. Why: a step of diffrax's loop has dozens of scalar
+    residuals, and one write per iteration beats dozens; a large residual (a stage of a big
+    state) would only be copied once more by packing."""
+    dtypes = sorted({jnp.dtype(s.dtype) for s in shapes if math.prod(s.shape) <= small}, key=str)
+    packed = [math.prod(s.shape) <= small for s in shapes]
+    row_shapes = [(d, (sum(math.prod(s.shape) for s, p in zip(shapes, packed) if p and jnp.dtype(s.dtype) == d),))
+                  for d in dtypes]
+    row_shapes += [(jnp.dtype(s.dtype), tuple(s.shape)) for s, p in zip(shapes, packed) if not p]
+
+    def pack(leaves):
+        rows = [jnp.concatenate([jnp.ravel(x) for x, p in zip(leaves, packed) if p and x.dtype == d]) for d in dtypes]
+        return rows + [x for x, p in zip(leaves, packed) if not p]
+
+    def unpack(rows):
+        offsets = {d: 0 for d in dtypes}
+        by_dtype = dict(zip(dtypes, rows))
+        large = iter(rows[len(dtypes):])
+        out = []
+        for s, p in zip(shapes, packed):
+            if not p:
+                out.append(next(large))
+                continue
+            d, n = jnp.dtype(s.dtype), math.prod(s.shape)
+            out.append(by_dtype[d][offsets[d]:offsets[d] + n].reshape(s.shape))
+            offsets[d] += n
+        return out
+
+    return pack, unpack, row_shapes
+
+
 def _scalars_to_arrays(tree):
     """Python scalars in a loop carry become arrays, as ``lax.while_loop`` makes them (diffrax's
     initial state holds a few, and its loop body may return them either way)."""
@@ -97,16 +131,35 @@ def all_save_while_loop(cond_fun, body_fun, init_val, *, max_steps: int, recorde
     other_consts = [c for c, k in zip(closed.consts, const_kind) if k == "o"]
     fixed_consts = [c for c, k in zip(closed.consts, const_kind) if k == "c"]
 
-    def step(floats, float_consts, arrays, other_consts):
+    # Floats the body hands back untouched (with SaveAt(t1), the buffers of saved outputs) are
+    # not carried: they join the constants. Cheaper, and needed: carried, such a float came out
+    # of the loop unbatched under jax.vmap while its tangent was batched, and grad(vmap(...))
+    # of a solve saving only t1 failed to trace (tests/test_allsave.py::test_works_under_vmap).
+    num_floats, num_consts = len(floats0), len(float_consts)
+    invars, outvars = closed.jaxpr.invars, closed.jaxpr.outvars
+    untouched = {i for i in range(num_floats) if outvars[i] is invars[i]}
+    moving0 = [x for i, x in enumerate(floats0) if i not in untouched]
+    float_consts = float_consts + [x for i, x in enumerate(floats0) if i in untouched]
+
+    def all_floats(moving, consts):
+        moving, kept = iter(moving), iter(consts[num_consts:])
+        return [next(kept) if i in untouched else next(moving) for i in range(num_floats)]
+
+    def step(moving, float_consts, arrays, other_consts):
         groups = {"f": iter(float_consts), "o": iter(other_consts), "c": iter(fixed_consts)}
         consts = [next(groups[k]) for k in const_kind]
-        flat = jax_core.jaxpr_as_fun(jax_core.ClosedJaxpr(closed.jaxpr, consts))(*floats, *arrays)
-        return jax.tree_util.tree_unflatten(out_tree, flat)
+        flat = jax_core.jaxpr_as_fun(jax_core.ClosedJaxpr(closed.jaxpr, consts))(
+            *all_floats(moving, float_consts), *arrays
+        )
+        out_floats, out_arrays = jax.tree_util.tree_unflatten(out_tree, flat)
+        return [x for i, x in enumerate(out_floats) if i not in untouched], out_arrays
 
     cond_closed = jax.make_jaxpr(lambda f, a: cond_fun(_merge(f, a, meta)))(floats0, arrays0)
 
-    def cond(n, floats, arrays, cond_consts):
-        keep_going = jax_core.jaxpr_as_fun(jax_core.ClosedJaxpr(cond_closed.jaxpr, cond_consts))(*floats, *arrays)
+    def cond(n, moving, consts, arrays, cond_consts):
+        keep_going = jax_core.jaxpr_as_fun(jax_core.ClosedJaxpr(cond_closed.jaxpr, cond_consts))(
+            *all_floats(moving, consts), *arrays
+        )
         return (n < max_steps) & keep_going[0]
 
     def linearised(floats, consts, arrays, other_consts):
@@ -118,20 +171,51 @@ def all_save_while_loop(cond_fun, body_fun, init_val, *, max_steps: int, recorde
         return out_floats, out_arrays, pullback
 
     res_shapes = jax.eval_shape(
-        lambda *x: jax.tree_util.tree_leaves(linearised(*x)[2]), floats0, float_consts, arrays0, other_consts
+        lambda *x: jax.tree_util.tree_leaves(linearised(*x)[2]), moving0, float_consts, arrays0, other_consts
     )
     per_step = _residual_bytes(res_shapes)
     if recorder is not None:
         recorder.bytes_per_step = per_step
+    pack, unpack, row_shapes = _packer(res_shapes)
     pullback_def = []
+
+    def loop(floats, consts, arrays, other_consts, cond_consts, buffers):
+        """The iterations; with ``buffers``, each also writes its linearisation's residuals
+        into row n (one row per dtype: a few writes per iteration, not one per residual).
+
+        Under jax.vmap the lanes stop at different iterations. The loop runs while any lane
+        goes on, with one shared counter n, and a lane that has stopped keeps its carry (its
+        rows are written but never read): a per-lane trip test would make JAX's batching
+        rule select between old and new copies of every buffer each iteration. The primal
+        (``run``) runs this same loop so that both batch their carries alike: when they did
+        not, grad(vmap(...)) with adaptive steps failed to trace."""
+
+        def body(c):
+            n, lane_n, f, a, bufs = c
+            going = cond(n, f, consts, a, cond_consts)
+            if bufs is None:
+                out_f, out_a = step(f, consts, a, other_consts)
+            else:
+                out_f, out_a, pullback = linearised(f, consts, a, other_consts)
+                leaves, treedef = jax.tree_util.tree_flatten(pullback)
+                pullback_def[:] = [treedef]
+                bufs = [b.at[n].set(x) for b, x in zip(bufs, pack(leaves))]
+            f = [jnp.where(going, new, old) for new, old in zip(out_f, f)]
+            a = [jnp.where(going, new, old) for new, old in zip(out_a, a)]
+            return n + 1, lane_n + going.astype(jnp.int32), f, a, bufs
+
+        def any_going(c):
+            n, _, f, a, _ = c
+            return eqxi.unvmap_any(cond(n, f, consts, a, cond_consts))
+
+        _, lane_n, floats, arrays, buffers = lax.while_loop(
+            any_going, body, (jnp.int32(0), jnp.int32(0), floats, arrays, buffers)
+        )
+        return floats, arrays, lane_n, buffers
 
     @jax.custom_vjp
     def run(floats, consts, arrays, other_consts, cond_consts):
-        def loop_body(c):
-            n, f, a = c
-            return (n + 1, *step(f, consts, a, other_consts))
-
-        _, floats, arrays = lax.while_loop(lambda c: cond(*c, cond_consts), loop_body, (jnp.int32(0), floats, arrays))
+        floats, arrays, _, _ = loop(floats, consts, arrays, other_consts, cond_consts, None)
         return floats, arrays
 
     def run_fwd(floats, consts, arrays, other_consts, cond_consts):
@@ -142,42 +226,34 @@ def all_save_while_loop(cond_fun, body_fun, init_val, *, max_steps: int, recorde
                 f"{needed / 2**30:.2f} GiB of residuals, more than the device's {available / 2**30:.2f} "
                 "GiB; lower max_steps or use diffrax.RecursiveCheckpointAdjoint"
             )
-        buffers = [jnp.zeros((max_steps,) + s.shape, s.dtype) for s in res_shapes]
-
-        def loop_body(c):
-            n, f, a, bufs = c
-            out_f, out_a, pullback = linearised(f, consts, a, other_consts)
-            leaves, treedef = jax.tree_util.tree_flatten(pullback)
-            pullback_def[:] = [treedef]
-            bufs = [b.at[n].set(x) for b, x in zip(bufs, leaves)]
-            return n + 1, out_f, out_a, bufs
-
-        n, floats, arrays, buffers = eqxi.while_loop(
-            lambda c: cond(*c[:3], cond_consts), loop_body, (jnp.int32(0), floats, arrays, buffers),
-            kind="lax", buffers=lambda c: c[3],
-        )
-        return (floats, arrays), (n, buffers, consts)
+        buffers = [jnp.zeros((max_steps,) + shape, dtype) for dtype, shape in row_shapes]
+        floats, arrays, lane_n, buffers = loop(floats, consts, arrays, other_consts, cond_consts, buffers)
+        return (floats, arrays), (lane_n, buffers, consts)
 
     def run_bwd(residuals, cotangents):
-        n, buffers, consts = residuals
+        lane_n, buffers, consts = residuals
         floats_bar = cotangents[0]
         (treedef,) = pullback_def
 
-        def loop_body(i, c):
-            f_bar, k_bar = c
-            pullback = jax.tree_util.tree_unflatten(treedef, [b[n - 1 - i] for b in buffers])
-            f_bar, step_k_bar = pullback(f_bar)
-            return f_bar, jax.tree_util.tree_map(jnp.add, k_bar, step_k_bar)
+        def loop_body(c):
+            row, f_bar, k_bar = c
+            pullback = jax.tree_util.tree_unflatten(treedef, unpack([b[row] for b in buffers]))
+            step_f_bar, step_k_bar = pullback(f_bar)
+            taken = row < lane_n  # rows past a lane's own last iteration are not its steps
+            f_bar = [jnp.where(taken, new, old) for new, old in zip(step_f_bar, f_bar)]
+            k_bar = jax.tree_util.tree_map(lambda k, s: k + jnp.where(taken, s, 0), k_bar, step_k_bar)
+            return row - 1, f_bar, k_bar
 
         k_bar = jax.tree_util.tree_map(jnp.zeros_like, consts)
-        floats_bar, k_bar = lax.fori_loop(0, n, loop_body, (floats_bar, k_bar))
+        last = eqxi.unvmap_max(lane_n) - 1
+        _, floats_bar, k_bar = lax.while_loop(lambda c: c[0] >= 0, loop_body, (last, list(floats_bar), k_bar))
         return floats_bar, k_bar, None, None, None
 
     run.defvjp(run_fwd, run_bwd)
     # JAX refuses forward mode (jax.jvp, jax.jacfwd) of a custom_vjp only after diffrax's jit
     # has traced this call, outside any code of ours, and its error points at the next line:
-    floats, arrays = run(floats0, float_consts, arrays0, other_consts, cond_closed.consts)  # AllSaveAdjoint is reverse-mode only: for forward mode use diffrax.ForwardMode()  # noqa: E501
-    return _merge(floats, arrays, meta)
+    moving, arrays = run(moving0, float_consts, arrays0, other_consts, cond_closed.consts)  # AllSaveAdjoint is reverse-mode only: for forward mode use diffrax.ForwardMode()  # noqa: E501
+    return _merge(all_floats(moving, float_consts), arrays, meta)
 
 
 def _unrollable(solver, terms) -> bool:
@@ -306,7 +382,8 @@ class AllSaveAdjoint(diffrax.AbstractAdjoint):
     the backward pass is one reverse sweep over the steps actually taken (not over
     ``max_steps``) that applies them. No step, stage or controller decision is recomputed, so
     the vector field is evaluated exactly as often in the backward pass as in the forward.
-    Memory: ``bytes_per_step(...)`` per step, times ``max_steps``, allocated up front.
+    Memory: ``bytes_per_step(...)`` per step, times ``max_steps`` (times the batch under
+    ``jax.vmap``), allocated and zero-filled up front: set ``max_steps`` near the steps taken.
     Explicit Runge-Kutta solvers with one Butcher tableau step through ``_UnrolledERK``: the
     same step with its stages written out, much cheaper to run and to linearise than
     diffrax's loop over stages.
@@ -343,8 +420,11 @@ class AllSaveAdjoint(diffrax.AbstractAdjoint):
             max_steps=max_steps,
             terms=terms,
             event=event,
-            inner_while_loop=ft.partial(eqxi.while_loop, kind="bounded"),
-            outer_while_loop=ft.partial(_outer_loop, recorder=self.recorder),
+            # The loop that saves at ``ts`` inside each step is an all-save loop too: as a
+            # "bounded" loop (diffrax's DirectAdjoint) it ran and linearised len(ts) guarded
+            # iterations every step, 90% of the time of a small solve saving 11 times.
+            inner_while_loop=_all_save_loop,
+            outer_while_loop=ft.partial(_all_save_loop, recorder=self.recorder),
             **kwargs,
         )
 
@@ -362,6 +442,6 @@ class AllSaveAdjoint(diffrax.AbstractAdjoint):
         return recorder.bytes_per_step
 
 
-def _outer_loop(cond_fun, body_fun, init_val, *, max_steps, buffers=None, recorder=None, **_):
+def _all_save_loop(cond_fun, body_fun, init_val, *, max_steps, buffers=None, recorder=None, **_):
     del buffers  # the saved outputs are carried as ordinary arrays
     return all_save_while_loop(cond_fun, body_fun, init_val, max_steps=max_steps, recorder=recorder)
