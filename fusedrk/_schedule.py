@@ -80,7 +80,8 @@ def forward_loop(carry, *, rows: int, tape_rows, keep_going: Callable, step: Cal
     return lax.while_loop(go, segment, (jnp.int32(0), carry))
 
 
-def reverse_loop(num_iters, tape_rows: int, carry, *, replay: Callable, sweep: Callable):
+def reverse_loop(num_iters, tape_rows: int, carry, *, replay: Callable, sweep: Callable,
+                 around_replays: Callable | None = None):
     """Visit iterations n = num_iters - 1 .. 0 with ``carry = sweep(carry, n, row)``.
 
     After the forward loop the ring holds the last R iterations (iteration n in row n mod R,
@@ -90,6 +91,10 @@ def reverse_loop(num_iters, tape_rows: int, carry, *, replay: Callable, sweep: C
     ``count`` iterations (n = start .. start + count - 1) into ring rows 0 .. count - 1. Only
     the first of these replays may stop short of a whole segment; together they re-run
     ``replayed_iterations(num_iters, tape_rows)`` iterations.
+
+    ``around_replays(run, num_replayed_segments, carry) -> carry``, if given, runs the replay
+    phase ``run(carry)`` itself: the jax backend skips it when nothing is replayed and gives
+    it a ring of its own (see fusedrk/_reference.py ``backward``).
     """
     R = tape_rows
     num_iters = jnp.asarray(num_iters, jnp.int32)
@@ -114,7 +119,12 @@ def reverse_loop(num_iters, tape_rows: int, carry, *, replay: Callable, sweep: C
 
         return lax.fori_loop(jnp.int32(0), stop - start, one, c)
 
-    return lax.fori_loop(jnp.int32(0), replayed_segments, segment, carry)
+    def run(c):
+        return lax.fori_loop(jnp.int32(0), replayed_segments, segment, c)
+
+    if around_replays is None:
+        return run(carry)
+    return around_replays(run, replayed_segments, carry)
 
 
 def choose_tape_rows(tape_rows, *, rows: int, known_fixed: bool, row_bytes: int, checkpoint_bytes: int,
