@@ -32,6 +32,7 @@ from diffrax._heuristics import is_sde
 from diffrax._solver.base import AbstractWrappedSolver, vector_tree_dot
 from diffrax._solver.runge_kutta import AbstractERK, AbstractRungeKutta, ButcherTableau
 from jax import lax
+from jax.interpreters import batching, mlir
 
 from ._solve import _device_memory_bytes
 
@@ -63,6 +64,32 @@ def _merge(floats, arrays, meta):
 
 def _residual_bytes(shapes) -> int:
     return sum(jnp.dtype(s.dtype).itemsize * math.prod(s.shape) for s in shapes)
+
+
+# A select that only exists under jax.vmap. Inside the loops below a lane's "still going" flag
+# is always true when nothing is vmapped (the loop runs while any lane goes on, and there is
+# one lane), so keeping a stopped lane's carry costs a copy of the carry per iteration for
+# nothing: 27 ms of the seed's 8,000 steps. This primitive is `new` unbatched and becomes
+# jnp.where(pred, new, old) when batched, where lanes do stop at different iterations.
+_lane_select_p = jax_core.Primitive("fusedrk_allsave_lane_select")
+_lane_select_p.def_impl(lambda pred, new, old: new)
+_lane_select_p.def_abstract_eval(lambda pred, new, old: new)
+mlir.register_lowering(_lane_select_p, mlir.lower_fun(lambda pred, new, old: new, multiple_results=False))
+
+
+def _lane_select_batched(args, dims):
+    size = next(x.shape[d] for x, d in zip(args, dims) if d is not None)
+    pred, new, old = (batching.bdim_at_front(x, d, size) for x, d in zip(args, dims))
+    pred = pred.reshape(pred.shape + (1,) * (new.ndim - pred.ndim))
+    return jnp.where(pred, new, old), 0
+
+
+batching.primitive_batchers[_lane_select_p] = _lane_select_batched
+
+
+def _lane_select(pred, new, old):
+    """``new`` where this lane's ``pred`` holds (always, unless vmapped), else ``old``."""
+    return _lane_select_p.bind(pred, new, old)
 
 
 def _packer(shapes, small: int = 1024):
@@ -200,8 +227,8 @@ def all_save_while_loop(cond_fun, body_fun, init_val, *, max_steps: int, recorde
                 leaves, treedef = jax.tree_util.tree_flatten(pullback)
                 pullback_def[:] = [treedef]
                 bufs = [b.at[n].set(x) for b, x in zip(bufs, pack(leaves))]
-            f = [jnp.where(going, new, old) for new, old in zip(out_f, f)]
-            a = [jnp.where(going, new, old) for new, old in zip(out_a, a)]
+            f = [_lane_select(going, new, old) for new, old in zip(out_f, f)]
+            a = [_lane_select(going, new, old) for new, old in zip(out_a, a)]
             return n + 1, lane_n + going.astype(jnp.int32), f, a, bufs
 
         def any_going(c):
@@ -240,8 +267,8 @@ def all_save_while_loop(cond_fun, body_fun, init_val, *, max_steps: int, recorde
             pullback = jax.tree_util.tree_unflatten(treedef, unpack([b[row] for b in buffers]))
             step_f_bar, step_k_bar = pullback(f_bar)
             taken = row < lane_n  # rows past a lane's own last iteration are not its steps
-            f_bar = [jnp.where(taken, new, old) for new, old in zip(step_f_bar, f_bar)]
-            k_bar = jax.tree_util.tree_map(lambda k, s: k + jnp.where(taken, s, 0), k_bar, step_k_bar)
+            f_bar = [_lane_select(taken, new, old) for new, old in zip(step_f_bar, f_bar)]
+            k_bar = jax.tree_util.tree_map(lambda k, s: _lane_select(taken, k + s, k), k_bar, step_k_bar)
             return row - 1, f_bar, k_bar
 
         k_bar = jax.tree_util.tree_map(jnp.zeros_like, consts)
