@@ -177,7 +177,7 @@ def forward(config: Config, field, times: Times, y0: tuple, *, with_tape: bool) 
         carry["t_final"] = jnp.broadcast_to(t_start, (B,))
     if with_tape:
         R = config.tape_rows
-        segments = _schedule.num_segments(config.rows, R)
+        segments = _schedule.spare_checkpoint(config.rows, R) + 1  # the flat loop's spare slot too
         fresh = _fresh_buffers()
         carry["tape"] = Tape(
             y=tuple(fresh((R,) + y.shape, y.dtype) for y in y0),
@@ -219,13 +219,13 @@ def forward(config: Config, field, times: Times, y0: tuple, *, with_tape: bool) 
                                        {k: c[k] for k in LOOP})
         return {**c, "tape": tape._replace(checkpoints=saved)}
 
-    # A ring that holds every row needs no checkpoints, and the plain loop keeps XLA from
-    # copying the whole tape into the segment loop's inner loop (the seed at 8,000 fixed steps:
-    # jit(grad) 282 ms with the segment loop, 108 ms without).
+    # A ring that holds every row needs no checkpoints. Segments run in one flat loop: XLA
+    # copies the whole tape into a while loop nested in another (the seed at 8,000 fixed steps:
+    # jit(grad) 282 ms nested, 108 ms in one loop).
     segmented = with_tape and config.tape_rows < config.rows
     num_iters, c = _schedule.forward_loop(
         carry, rows=config.rows, tape_rows=config.tape_rows, keep_going=keep_going, step=step,
-        checkpoint=checkpoint if segmented else None,
+        checkpoint=checkpoint if segmented else None, flat=True,
     )
     result = jnp.where(_running(c, t_end), MAX_STEPS_REACHED, c["result"])
     if config.save_ts:
