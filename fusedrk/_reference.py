@@ -177,7 +177,7 @@ def forward(config: Config, field, times: Times, y0: tuple, *, with_tape: bool) 
         carry["t_final"] = jnp.broadcast_to(t_start, (B,))
     if with_tape:
         R = config.tape_rows
-        segments = _schedule.spare_checkpoint(config.rows, R) + 1  # the flat loop's spare slot too
+        segments = _schedule.num_segments(config.rows, R)
         fresh = _fresh_buffers()
         carry["tape"] = Tape(
             y=tuple(fresh((R,) + y.shape, y.dtype) for y in y0),
@@ -417,7 +417,8 @@ def backward(config: Config, field, field_vjp, times: Times, y0: tuple, fwd: For
         # a fixed-step solve that fits). Replays get a ring of their own, made only when some
         # segment is replayed.
         def replays(rest):
-            ring = jax.tree_util.tree_map(jnp.zeros_like, fwd.tape._replace(checkpoints=None))
+            fresh = _fresh_buffers()
+            ring = jax.tree_util.tree_map(lambda x: fresh(x.shape, x.dtype), fwd.tape._replace(checkpoints=None))
             return run((ring._replace(checkpoints=fwd.tape.checkpoints),) + rest)[1:]
 
         return (c[0],) + lax.cond(num_segments > 0, replays, lambda rest: rest, c[1:])

@@ -37,12 +37,6 @@ def num_segments(num_iters, tape_rows: int):
     return (num_iters + tape_rows - 1) // tape_rows
 
 
-def spare_checkpoint(rows: int, tape_rows: int) -> int:
-    """The checkpoint slot ``forward_loop(flat=True)`` writes between segment starts: storage
-    for it holds ``num_segments(rows, tape_rows) + 1`` checkpoints."""
-    return num_segments(rows, tape_rows)
-
-
 def replayed_iterations(num_iters, tape_rows: int):
     """Iterations a reverse pass re-runs: every one before the last ``tape_rows``, once."""
     return jnp.maximum(num_iters - tape_rows, 0)
@@ -58,22 +52,24 @@ def forward_loop(carry, *, rows: int, tape_rows, keep_going: Callable, step: Cal
     ``row`` counts iterations within the segment (the ring row). Without: one loop, row = n.
 
     ``flat``: the same in one loop, for XLA, which copies the whole ring into a loop nested
-    in another (README example: jit(grad) 30 -> 27 ms): ``checkpoint`` is called before every
-    iteration, with the segment at a segment's first iteration and otherwise with
-    ``spare_checkpoint(rows, tape_rows)``, a slot past the last segment that is never read.
-    An unconditional write into a spare slot is cheaper there than a conditional one.
+    in another (README example: jit(grad) 30 -> 27 ms). ``checkpoint`` is then called before
+    every iteration: with its segment at a segment's first iteration, otherwise with the next
+    segment (capped at the last slot), whose checkpoint is written at that segment's start
+    before anything reads it. This is safe because the last segment a loop runs is never
+    replayed (the ring holds it: see ``reverse_loop``), so its slot may hold anything. An
+    unconditional write is cheaper there than a conditional one.
     """
     def go(state):
         n, c = state
         return (n < rows) & keep_going(c)
 
     if checkpoint is not None and flat:
-        spare = spare_checkpoint(rows, tape_rows)
+        last_slot = num_segments(rows, tape_rows) - 1
 
         def flat_body(state):
             n, c = state
-            row = n % tape_rows
-            c = checkpoint(c, jnp.where(row == 0, n // tape_rows, spare))
+            row, segment = n % tape_rows, n // tape_rows
+            c = checkpoint(c, jnp.where(row == 0, segment, jnp.minimum(segment + 1, last_slot)))
             return n + 1, step(c, n, row)
 
         return lax.while_loop(go, flat_body, (jnp.int32(0), carry))
