@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _schedule, _step
+from . import _schedule, _step, _uninitialised
 from ._tableau import NUM_STAGES
 
 # Result codes, shared with the public RESULTS in _solve.py. 1 is diffrax's max_steps_reached.
@@ -178,17 +178,17 @@ def forward(config: Config, field, times: Times, y0: tuple, *, with_tape: bool) 
     if with_tape:
         R = config.tape_rows
         segments = _schedule.num_segments(config.rows, R)
-        fresh = _fresh_buffers()
-        carry["tape"] = Tape(
-            y=tuple(fresh((R,) + y.shape, y.dtype) for y in y0),
-            k=tuple(fresh((R, TAPE_STAGES) + y.shape, y.dtype) for y in y0),
-            tprev=fresh((R,) + t_start.shape, tdtype),
-            tnext=fresh((R,) + t_start.shape, tdtype),
-            accepted=fresh((R, B), jnp.bool_),
+        spec = jax.ShapeDtypeStruct
+        carry["tape"] = _uninitialised.like(Tape(
+            y=tuple(spec((R,) + y.shape, y.dtype) for y in y0),
+            k=tuple(spec((R, TAPE_STAGES) + y.shape, y.dtype) for y in y0),
+            tprev=spec((R,) + t_start.shape, tdtype),
+            tnext=spec((R,) + t_start.shape, tdtype),
+            accepted=spec((R, B), jnp.bool_),
             checkpoints=jax.tree_util.tree_map(
-                lambda x: fresh((segments,) + jnp.shape(x), x.dtype), {k: carry[k] for k in LOOP}
+                lambda x: spec((segments,) + jnp.shape(x), jnp.result_type(x)), {k: carry[k] for k in LOOP}
             ),
-        )
+        ))
 
     def keep_going(c):
         if not config.adaptive:
@@ -245,23 +245,6 @@ def forward(config: Config, field, times: Times, y0: tuple, *, with_tape: bool) 
         tape=c.get("tape"),
         t_final=c["tprev"] if config.adaptive else c["t_final"],
     )
-
-
-def _fresh_buffers():
-    """A maker of tape buffers, each filled with a value of its own.
-
-    Their contents are never read before written, but XLA needs each loop-carried buffer
-    initialised. Filled with one value, equal-shaped buffers share one broadcast that XLA then
-    copies into each (on the README example, a memset and 13 copies, 25 MB, before the loop);
-    with distinct values each broadcast writes its own buffer once.
-    """
-    count = iter(range(1, 2**31))
-
-    def fresh(shape, dtype):
-        value = next(count)
-        return jnp.full(shape, value % 2 if dtype == jnp.bool_ else value, dtype)
-
-    return fresh
 
 
 def _isolated(fn, operand, always_true):
@@ -417,8 +400,7 @@ def backward(config: Config, field, field_vjp, times: Times, y0: tuple, fwd: For
         # a fixed-step solve that fits). Replays get a ring of their own, made only when some
         # segment is replayed.
         def replays(rest):
-            fresh = _fresh_buffers()
-            ring = jax.tree_util.tree_map(lambda x: fresh(x.shape, x.dtype), fwd.tape._replace(checkpoints=None))
+            ring = _uninitialised.like(fwd.tape._replace(checkpoints=None))
             return run((ring._replace(checkpoints=fwd.tape.checkpoints),) + rest)[1:]
 
         return (c[0],) + lax.cond(num_segments > 0, replays, lambda rest: rest, c[1:])

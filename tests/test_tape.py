@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import fusedrk
-from fusedrk import _schedule, _solve, kernels
+from fusedrk import _schedule, _solve, _uninitialised, kernels
 from fusedrk.kernels import _triton
 from conftest import F64_TOL, CountedField, assert_tree_close
 
@@ -90,6 +90,45 @@ def test_values_and_gradients_do_not_depend_on_tape_rows(x64, case, backend):
         expected = np.asarray(_schedule.replayed_iterations(iters, R))
         np.testing.assert_array_equal(s.stats["num_replayed_iterations"], expected)
         assert (expected.max() == 0) == (R >= N)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_no_unwritten_tape_entry_is_read(x64, monkeypatch, case):
+    """On XLA:CPU the jax backend's tape is not initialised (fusedrk/_uninitialised.py): its
+    unwritten rows and checkpoints hold whatever the memory held. Filled with NaN (flags True,
+    integers -1) instead, every value and gradient must stay the same, for rings that hold
+    the solve and rings that replay."""
+    if jax.default_backend() == "cpu":
+        assert _uninitialised._custom_call_works()  # the pinned jaxlib takes the no-op call
+    for R in (1, 7, None):
+        value, sol, grads = _run(case, "jax", R)
+        monkeypatch.setattr(_uninitialised, "FILL_FOR_TESTS", True)
+        v, s, g = _run(case, "jax", R)
+        monkeypatch.setattr(_uninitialised, "FILL_FOR_TESTS", None)
+        np.testing.assert_array_equal(s.stats["num_steps"], sol.stats["num_steps"])
+        assert_tree_close(s.ys, sol.ys, rtol=F64_TOL)
+        assert_tree_close(g, grads, rtol=F64_TOL)
+        assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(g))
+
+
+def test_no_unwritten_tape_entry_is_read_under_vmap(x64, monkeypatch):
+    """jax.vmap of a solve: the batched loops run as long as the longest instance, and an
+    instance that has finished sweeps rows it never wrote (their results are discarded)."""
+    y0, (rho, sigma) = _problem(3)
+
+    def loss(scale):
+        sol = fusedrk.solve(_field, y0, 0.0, 0.3, args=(rho * scale, sigma), args_axes=(0, None),
+                            dt0=0.01, rtol=1e-7, atol=1e-7, tape_rows=12, backend="jax")
+        return sum(jnp.sum(jnp.sin(y)) for y in sol.ys)
+
+    scales = jnp.asarray([0.05, 1.0])
+    steps = [int(np.max(fusedrk.solve(_field, y0, 0.0, 0.3, args=(rho * c, sigma), args_axes=(0, None), dt0=0.01,
+                                      rtol=1e-7, atol=1e-7).stats["num_steps"])) for c in scales]
+    assert steps[0] < 12 < steps[1], steps  # one instance fits its ring, the other replays
+    expected = jax.jit(jax.vmap(jax.grad(loss)))(scales)
+    monkeypatch.setattr(_uninitialised, "FILL_FOR_TESTS", True)
+    np.testing.assert_allclose(jax.jit(jax.vmap(jax.grad(loss)))(scales), expected, rtol=F64_TOL)
+    assert np.all(np.isfinite(expected))
 
 
 @pytest.mark.parametrize("backend", ["jax", "pallas"])
