@@ -1,8 +1,9 @@
 """python -m bench.tape_rows: the jit(grad) time of three adaptive solves against tape_rows.
 
 The measurement behind the automatic ring size of the jax backend (fusedrk/_solve.py
-``JAX_TAPE_BYTES``): its ring is a while-loop carry that XLA fills with zeros, so unused rows
-cost time, while a replayed iteration costs one forward step. Each row also prints the
+``JAX_TAPE_BYTES``): on a CPU its ring is left uninitialised, so unused rows cost no time, but
+a gradient whose scratch memory passes glibc's 32 MiB mmap ceiling faults in every page it
+writes, on every call, while a replayed iteration costs one forward step. Each row also prints the
 iterations replayed and the gradient's largest relative difference from the zero-replay one
 (the schedule must not change it).
 

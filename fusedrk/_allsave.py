@@ -4,7 +4,8 @@ Owns: a while loop whose reverse mode stores, for every iteration actually taken
 residuals of the loop body's linearisation (what ``jax.vjp`` of one solver step keeps: stage
 values, controller decisions, save indices) in buffers of ``max_steps`` rows (one row per
 dtype), and whose backward pass applies those stored linearisations in reverse order: time
-O(n), memory O(max_steps), and no step is ever re-run. ``AllSaveAdjoint`` plugs it into
+O(n), memory O(max_steps) (on a CPU left uninitialised: see _uninitialised.py), and no
+step is ever re-run. ``AllSaveAdjoint`` plugs it into
 ``diffrax.diffeqsolve`` as the outer loop and as the loop that saves at ``ts`` inside a
 step; any explicit solver, step-size controller and SaveAt that diffrax supports work.
 
@@ -34,6 +35,7 @@ from diffrax._solver.runge_kutta import AbstractERK, AbstractRungeKutta, Butcher
 from jax import lax
 from jax.interpreters import batching, mlir
 
+from . import _uninitialised
 from ._solve import _device_memory_bytes
 
 
@@ -253,7 +255,9 @@ def all_save_while_loop(cond_fun, body_fun, init_val, *, max_steps: int, recorde
                 f"{needed / 2**30:.2f} GiB of residuals, more than the device's {available / 2**30:.2f} "
                 "GiB; lower max_steps or use diffrax.RecursiveCheckpointAdjoint"
             )
-        buffers = [jnp.zeros((max_steps,) + shape, dtype) for dtype, shape in row_shapes]
+        # Rows past the last iteration are never read: left unwritten, they cost no time.
+        buffers = _uninitialised.buffers([((max_steps,) + shape, dtype) for dtype, shape in row_shapes],
+                                         like=[*floats, *jax.tree_util.tree_leaves(consts)])
         floats, arrays, lane_n, buffers = loop(floats, consts, arrays, other_consts, cond_consts, buffers)
         return (floats, arrays), (lane_n, buffers, consts)
 
@@ -410,7 +414,9 @@ class AllSaveAdjoint(diffrax.AbstractAdjoint):
     ``max_steps``) that applies them. No step, stage or controller decision is recomputed, so
     the vector field is evaluated exactly as often in the backward pass as in the forward.
     Memory: ``bytes_per_step(...)`` per step, times ``max_steps`` (times the batch under
-    ``jax.vmap``), allocated and zero-filled up front: set ``max_steps`` near the steps taken.
+    ``jax.vmap``), allocated up front. On a CPU the rows are not initialised, so rows past
+    the last step cost address space but no time; elsewhere they are filled before the loop:
+    there set ``max_steps`` near the steps taken.
     Explicit Runge-Kutta solvers with one Butcher tableau step through ``_UnrolledERK``: the
     same step with its stages written out, much cheaper to run and to linearise than
     diffrax's loop over stages.

@@ -188,7 +188,7 @@ def forward(config: Config, field, times: Times, y0: tuple, *, with_tape: bool) 
             checkpoints=jax.tree_util.tree_map(
                 lambda x: spec((segments,) + jnp.shape(x), jnp.result_type(x)), {k: carry[k] for k in LOOP}
             ),
-        ))
+        ), batched_like=y0)
 
     def keep_going(c):
         if not config.adaptive:
@@ -400,7 +400,7 @@ def backward(config: Config, field, field_vjp, times: Times, y0: tuple, fwd: For
         # a fixed-step solve that fits). Replays get a ring of their own, made only when some
         # segment is replayed.
         def replays(rest):
-            ring = _uninitialised.like(fwd.tape._replace(checkpoints=None))
+            ring = _uninitialised.like(fwd.tape._replace(checkpoints=None), batched_like=y0)
             return run((ring._replace(checkpoints=fwd.tape.checkpoints),) + rest)[1:]
 
         return (c[0],) + lax.cond(num_segments > 0, replays, lambda rest: rest, c[1:])

@@ -520,12 +520,15 @@ def tape_bytes(rows: int, y_flat: tuple, time_itemsize: int, *, backend: str, ad
 # The automatic ring's memory budget per backend (``tape_rows=None``), chosen by measurement
 # (``python -m bench.tape_rows``; the numbers are in README "Gradients: the tape"). The
 # kernels' tape is a Pallas output, which XLA does not initialise, so unused rows cost memory
-# only: up to a quarter of the device's memory. The jax backend's ring is a while-loop carry
-# that XLA fills with zeros before the loop, so every row costs time whether used or not, and
-# a replayed iteration costs only one more forward step: on a CPU, 16 MiB (half a 32 MiB last-
-# level cache; the README example's gradient took 32 ms with a 12 MB ring and 32 iterations
-# replayed, 40-56 ms with 24-97 MB rings and none, 148 ms with 390 MB); on a GPU, whose memory
-# is ~20x faster to fill, 1 GiB (not yet measured there).
+# only: up to a quarter of the device's memory. The jax backend's ring is a while-loop carry;
+# on a CPU it is left uninitialised too (fusedrk/_uninitialised.py), so unused rows cost no
+# time, but once a gradient's scratch memory passes glibc's 32 MiB mmap ceiling every call
+# gets fresh pages, and each page the tape writes faults in; a replayed iteration costs one
+# forward step. So 16 MiB, which leaves room below the ceiling for the rest of the gradient.
+# The README example's smallest tape (40 rows and 103 checkpoints, 30 MB) is already over it,
+# so it gets that one: 25.7 ms, replaying 15 of 55 iterations, against 32.2 ms for 64 rows and
+# no replay (35 MB of scratch). On a GPU, where the ring is still filled before the loop at ~20x a CPU's
+# bandwidth, 1 GiB (not yet measured there).
 PALLAS_TAPE_FRACTION = 0.25
 JAX_TAPE_BYTES = {"cpu": 16 * 2**20, "gpu": 2**30}
 

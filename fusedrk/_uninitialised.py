@@ -1,16 +1,22 @@
 """Buffers whose contents are never read before they are written: the jax backend's tape.
 
 A while loop needs an initial value for every carried buffer, so a tape written row by row
-inside the loop would be filled (with zeros) by XLA before the loop starts. On XLA:CPU that
-fill is the dominant cost of a short adaptive solve with a large ``max_steps``: it writes every
-byte of a tape sized for ``max_steps`` (the README example: 30 MB for 55 iterations) and, once
-the computation's scratch memory is above glibc's 32 MiB mmap ceiling, the fresh pages of every
-call fault in as well (README example with ``tape_rows`` a quarter of its iterations: 50 MB of
-scratch, 51 ms per gradient filled, 36 ms unfilled). On XLA:CPU, ``buffers`` therefore
+inside the loop would be filled by XLA before the loop starts. On XLA:CPU that fill is a
+large share of a short adaptive solve's gradient: it writes every byte of a tape sized by
+``max_steps`` (the README example: 30 MB for 55 iterations; jit(grad) 30.4 ms filled, 25.7 ms
+not) and, once the computation's scratch memory is above glibc's 32 MiB mmap ceiling, the
+fresh pages of every call fault in as well (the same with ``tape_rows`` a quarter of its
+iterations, 50 MB of scratch: 46.8 ms filled, 31.9 ms not). On XLA:CPU, ``buffers`` therefore
 makes its buffers with one custom call that does nothing: XLA allocates its outputs and
 nobody writes them, so only the pages the loop writes are ever touched. On other platforms,
 or where the running jaxlib does not take the call, each buffer is filled with a value of its
 own (see ``_filled``).
+
+Used by the jax backend's tape ring, checkpoints and replay ring (_reference.py) and by
+AllSaveAdjoint's residual rows (_allsave.py). One cost: ``jax.export`` refuses to serialise a
+computation with a custom call it has no compatibility guarantee for, so a gradient exported
+with ``jax.export`` on a CPU must be traced with filled buffers: set
+``fusedrk._uninitialised.USE_CUSTOM_CALL = False`` first.
 
 Owns: the no-op XLA FFI handler (a ctypes callback, registered once per process), the probe
 that decides whether it works, and the fill the tests use to prove that nothing unwritten is
@@ -34,6 +40,12 @@ _TARGET = "fusedrk_uninitialised"
 # Tests set this to a value (NaN for floats, True for bools, -1 for ints) to fill every buffer
 # with it instead: any result that depends on an unwritten entry then changes.
 FILL_FOR_TESTS: Optional[bool] = None
+# Smaller requests are filled: a fill this size costs less than the call (AllSaveAdjoint makes
+# small buffers inside every step for its loop over save times: 1.9 ms per gradient filled,
+# 5.2 ms through the call, 20-component Van der Pol).
+MIN_BYTES = 2**20
+# False: never use the custom call (always fill), e.g. before ``jax.export``.
+USE_CUSTOM_CALL = True
 
 # XLA FFI C structures, only as far as the handler reads them (xla/ffi/api/c_api.h).
 _METADATA_EXTENSION = 1  # XLA_FFI_Extension_Metadata
@@ -93,7 +105,9 @@ def _custom_call_works() -> bool:
         try:
             capsule = jax.ffi.pycapsule(ctypes.cast(_callback, ctypes.c_void_p).value)
             jax.ffi.register_ffi_target(_TARGET, capsule, platform="cpu")
-            out = jax.jit(lambda: _custom_call([((3,), jnp.float32), ((2, 2), jnp.int32)]))()
+            # Compiled and run now, also when first called while a solve is being traced.
+            probe = jax.jit(lambda: _custom_call([((3,), jnp.float32), ((2, 2), jnp.int32)]))
+            out = jax.block_until_ready(probe.lower().compile()())
             _works = [x.shape for x in out] == [(3,), (2, 2)]
         except Exception:  # an XLA or jaxlib that does not take it: fill instead
             _works = False
@@ -103,12 +117,15 @@ def _custom_call_works() -> bool:
 _sites = itertools.count()
 
 
-def _custom_call(specs):
+def _custom_call(specs, like=()):
     shapes = [jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype)) for shape, dtype in specs]
-    # ``site`` (ignored by the handler) keeps XLA from merging two calls of one computation
-    # into one buffer set, which it would then copy into each loop that carries one. It cycles
-    # so that eager calls reuse a bounded number of compiled calls.
-    return jax.ffi.ffi_call(_TARGET, shapes, has_side_effect=False)(site=np.int64(next(_sites) % 256))
+    # ``like`` (ignored by the handler) only tells jax.vmap to make the buffers batched: a loop
+    # carry made unbatched would be broadcast, written in full, once the loop batches it.
+    # ``site`` (ignored too) keeps XLA from merging two calls of one computation into one
+    # buffer set, which it would then copy into each loop that carries one. It cycles so that
+    # eager calls reuse a bounded number of compiled calls.
+    call = jax.ffi.ffi_call(_TARGET, shapes, has_side_effect=False, vmap_method="expand_dims")
+    return call(*like, site=np.int64(next(_sites) % 256))
 
 
 def _filled(specs, fill=None):
@@ -128,19 +145,22 @@ def _filled(specs, fill=None):
     return out
 
 
-def buffers(specs: Sequence[tuple]) -> list:
-    """Arrays of the given ``(shape, dtype)`` whose contents are unspecified."""
+def buffers(specs: Sequence[tuple], like: Sequence = ()) -> list:
+    """Arrays of the given ``(shape, dtype)`` whose contents are unspecified. Under
+    ``jax.vmap`` they are batched when any array in ``like`` is (pass the loop's inputs)."""
     specs = list(specs)
     if not specs:
         return []
     if FILL_FOR_TESTS:
         return _filled(specs, fill=True)
-    if jax.default_backend() == "cpu" and _custom_call_works():
-        return list(_custom_call(specs))
+    small = sum(int(np.prod(shape)) * jnp.dtype(dtype).itemsize for shape, dtype in specs) < MIN_BYTES
+    if USE_CUSTOM_CALL and not small and jax.default_backend() == "cpu" and _custom_call_works():
+        return list(_custom_call(specs, tuple(like)))
     return _filled(specs)
 
 
-def like(tree):
-    """``buffers`` shaped like every leaf (array or ``jax.ShapeDtypeStruct``) of ``tree``, in its structure."""
+def like(tree, batched_like: Sequence = ()):
+    """``buffers`` shaped like every leaf (array or ``jax.ShapeDtypeStruct``) of ``tree``, in
+    its structure."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
-    return jax.tree_util.tree_unflatten(treedef, buffers([(x.shape, x.dtype) for x in leaves]))
+    return jax.tree_util.tree_unflatten(treedef, buffers([(x.shape, x.dtype) for x in leaves], batched_like))

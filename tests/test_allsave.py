@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import fusedrk
+from fusedrk import _uninitialised
 from conftest import CountedField, assert_tree_close
 
 
@@ -194,6 +195,26 @@ def test_works_under_vmap(x64, saveat, order):
     assert len(set(np.asarray(steps).tolist())) > 1  # the lanes do stop at different steps
     np.testing.assert_array_equal(steps, ref_steps)
     np.testing.assert_allclose(ours, ref, rtol=1e-12)
+
+
+@pytest.mark.parametrize("order", ["plain", "vmap(grad)"])
+def test_rows_past_the_last_step_are_never_read(x64, monkeypatch, order):
+    # The residual rows are not initialised on CPU (fusedrk/_uninitialised.py): filled with
+    # NaN instead, the gradient must not change (max_steps = 256 rows, ~30 steps written).
+    monkeypatch.setattr(_uninitialised, "MIN_BYTES", 0)  # the custom call for every buffer
+
+    def grads():
+        g = _grads(diffrax.Tsit5(), diffrax.PIDController(rtol=1e-7, atol=1e-9),
+                   diffrax.SaveAt(ts=jnp.linspace(0.0, 2.0, 5)), fusedrk.AllSaveAdjoint())
+        if order == "plain":
+            return g()
+        return jax.vmap(g)(jnp.asarray([0.5, 1.0, 3.0]))
+
+    expected = grads()
+    monkeypatch.setattr(_uninitialised, "FILL_FOR_TESTS", True)
+    filled = grads()
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(filled))
+    assert_tree_close(filled, expected, rtol=1e-12)
 
 
 @pytest.mark.parametrize(

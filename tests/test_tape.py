@@ -100,6 +100,7 @@ def test_no_unwritten_tape_entry_is_read(x64, monkeypatch, case):
     the solve and rings that replay."""
     if jax.default_backend() == "cpu":
         assert _uninitialised._custom_call_works()  # the pinned jaxlib takes the no-op call
+    monkeypatch.setattr(_uninitialised, "MIN_BYTES", 0)  # these small tapes too
     for R in (1, 7, None):
         value, sol, grads = _run(case, "jax", R)
         monkeypatch.setattr(_uninitialised, "FILL_FOR_TESTS", True)
@@ -121,6 +122,7 @@ def test_no_unwritten_tape_entry_is_read_under_vmap(x64, monkeypatch):
                             dt0=0.01, rtol=1e-7, atol=1e-7, tape_rows=12, backend="jax")
         return sum(jnp.sum(jnp.sin(y)) for y in sol.ys)
 
+    monkeypatch.setattr(_uninitialised, "MIN_BYTES", 0)
     scales = jnp.asarray([0.05, 1.0])
     steps = [int(np.max(fusedrk.solve(_field, y0, 0.0, 0.3, args=(rho * c, sigma), args_axes=(0, None), dt0=0.01,
                                       rtol=1e-7, atol=1e-7).stats["num_steps"])) for c in scales]
