@@ -37,8 +37,8 @@ import numpy as np
 
 _TARGET = "fusedrk_uninitialised"
 
-# Tests set this to a value (NaN for floats, True for bools, -1 for ints) to fill every buffer
-# with it instead: any result that depends on an unwritten entry then changes.
+# Tests set this True to fill every buffer with NaN (floats), True (bools) or -1 (integers)
+# instead: any result that depends on an unwritten entry then changes.
 FILL_FOR_TESTS: Optional[bool] = None
 # Smaller requests are filled: a fill this size costs less than the call (AllSaveAdjoint makes
 # small buffers inside every step for its loop over save times: 1.9 ms per gradient filled,
