@@ -140,7 +140,12 @@ CATALOGUE_VARIANTS = (
 COMPONENTS = (8, 16, 32, 64, 128)
 COMPONENT_VARIANTS = ([CatalogueVariant(f"chain-{n}", "float32", False) for n in COMPONENTS]
                       + [CatalogueVariant(f"chain-{n}", "float64", True) for n in COMPONENTS])
-GROUPS = {"solves": VARIANTS, "catalogue": CATALOGUE_VARIANTS, "components": COMPONENT_VARIANTS}
+# The catalogue's MLP (4 -> 32 -> 4) with narrower hidden layers: compile time against the
+# field's size in tile operations (``kernels._problem.MAX_TILE_OPERATIONS``).
+HIDDEN = (4, 8, 16, 32)
+SIZE_VARIANTS = [CatalogueVariant(f"mlp-{h}", "float32", False) for h in HIDDEN]
+GROUPS = {"solves": VARIANTS, "catalogue": CATALOGUE_VARIANTS, "components": COMPONENT_VARIANTS,
+          "sizes": SIZE_VARIANTS}
 
 
 def lorenz_tuple_field(t, y, p):
@@ -178,6 +183,13 @@ def catalogue_problem(v: CatalogueVariant):
         lanes = np.linspace(0.5, 1.5, v.B * n).reshape(v.B, n)
         case = problems.Case(chain_field, jnp.asarray(lanes, dtype), jnp.asarray(lanes[:, 0] + 0.5, dtype), 0, 0.05, 0.3)
         limit = n
+    elif v.field.startswith("mlp-"):
+        hidden = int(v.field.split("-")[1])
+        rng = np.random.default_rng(0)
+        weights = {"W1": rng.normal(size=(hidden, 4)) / 2, "b1": rng.normal(size=hidden) / 4,
+                   "W2": rng.normal(size=(4, hidden)) / 4, "b2": rng.normal(size=4) / 4}
+        case = problems.Case(problems.neural_ode_field, jnp.asarray(rng.uniform(-1, 1, (v.B, 4)), dtype),
+                             {k: jnp.asarray(w, dtype) for k, w in weights.items()}, None, 0.05, 0.3)
     elif v.field == "lorenz-tuple":
         vec = problems.catalogue(v.B, dtype)["lorenz-vector"]
         case = vec._replace(field=lorenz_tuple_field, y0=tuple(vec.y0[:, j] for j in range(3)))
@@ -188,14 +200,16 @@ def catalogue_problem(v: CatalogueVariant):
         kw.update(rtol=1e-6, atol=1e-8)
 
     def loss(y0, args):
-        # A chain longer than the kernels' limit is compiled only to measure it.
-        saved = _problem.MAX_STATE_COMPONENTS
-        _problem.MAX_STATE_COMPONENTS = max(saved, 2 * (limit or 0))
+        # A chain longer than the kernels' limit, or a field larger than they take, is
+        # compiled only to measure it.
+        saved = _problem.MAX_STATE_COMPONENTS, _problem.MAX_TILE_OPERATIONS
+        _problem.MAX_STATE_COMPONENTS = max(saved[0], 2 * (limit or 0))
+        _problem.MAX_TILE_OPERATIONS = 10 ** 9
         try:
             sol = fusedrk.solve(case.field, y0, 0.0, case.t1, args=args, args_axes=case.args_axes,
                                 backend="pallas", **kw)
         finally:
-            _problem.MAX_STATE_COMPONENTS = saved
+            _problem.MAX_STATE_COMPONENTS, _problem.MAX_TILE_OPERATIONS = saved
         return sum(jnp.sum(jnp.sin(x)) for x in jax.tree_util.tree_leaves(sol.ys))
 
     return loss, (case.y0, case.args)

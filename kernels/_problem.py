@@ -35,6 +35,21 @@ from . import _grid
 MAX_STATE_COMPONENTS = 16
 
 
+# The most tile operations (equations of the field and its VJP evaluated on lane tiles, counted
+# once per evaluation) a field may unfold into. The kernels unroll the field six times per step
+# and its VJP six more in the reverse kernel, and the compile time of jax 0.11.2's Triton
+# pipeline grows faster than the kernel's size: its coalescing pass walks the whole connected
+# loop body once per tiled load or store (quadratic in the body's size). Measured with
+# `bench/compile_check.py --group sizes` (an MLP 4 -> H -> 4 with shared weights, float32,
+# B = 65,536, deviceless H100, 2 cores, 2026-11-29), forward and reverse together:
+#   H = 4: 436 operations, 178 s;   H = 8: 860 operations, 492 s;   H = 16: 1,708 operations, 1,235 s
+#   H = 32 (the catalogue's MLP): 3,404 operations, the forward alone 9 minutes and the reverse
+#   stopped unfinished after 10 minutes, still in that pass.
+# The rule: a compile of about ten minutes at most on such a machine. Every other catalogue field
+# is under 800 (Kuramoto with 8 oscillators: 763). Larger fields run on backend="jax".
+MAX_TILE_OPERATIONS = 1200
+
+
 def state_component_limit(dtype) -> int:
     """MAX_STATE_COMPONENTS for a state of this dtype: halved for 8-byte components."""
     return MAX_STATE_COMPONENTS * 4 // max(4, jnp.dtype(dtype).itemsize)
@@ -157,8 +172,14 @@ class TileField(NamedTuple):
         return tuple(_grid._entry(e, y[0].dtype, shape) for g in outs for e in g.reshape(-1))
 
     def vjp(self, t, y: tuple, diff: list, nondiff: list, f_bar: tuple):
-        """(y_bar component tiles, per differentiable component cotangent): per lane [TB], or
-        summed over the tile for shared arguments."""
+        """(y_bar component tiles, per differentiable component cotangent tiles [TB]).
+
+        A shared argument's cotangent is left per lane too: the reverse kernel accumulates it
+        per lane over the whole walk and sums over the tile once at the end. Summing here, in
+        every pull, put a cross-warp reduction (barriers through shared memory) per shared
+        component per stage in the step loop: 3,800 of them for a 4 -> 32 -> 4 MLP, whose
+        reverse kernel then did not finish compiling (Triton's coalescing pass is quadratic
+        in the loop's size)."""
         outs = _grid.evaluate(self.vjp_jaxpr, _scalar_grid(t), *self._grids(y, self.y_shapes),
                               *self._arg_grids(diff, self.diff_shapes), *self._arg_grids(nondiff, self.nondiff_shapes),
                               *self._grids(f_bar, self.y_shapes), where="the vector field's VJP")
@@ -167,8 +188,7 @@ class TileField(NamedTuple):
         d_bar = []
         for g, axis, x in zip(outs[len(self.y_shapes):], self.diff_axes, diff):
             for e, like in zip(g.reshape(-1), x):
-                tile = _grid._entry(e, jnp.result_type(like), shape)
-                d_bar.append(tile if axis == 0 else jnp.sum(tile))
+                d_bar.append(_grid._entry(e, jnp.result_type(like), shape))
         return y_bar, d_bar
 
     @staticmethod
@@ -219,9 +239,14 @@ def unsupported_reason(problem: TileProblem, y0: tuple, diff: list, nondiff: lis
         return f, tiles.vjp(t, y, d, n, f)
 
     try:
-        jax.eval_shape(run, jax.ShapeDtypeStruct((tile,), tdtype), y, args)
+        program = jax.make_jaxpr(run)(jax.ShapeDtypeStruct((tile,), tdtype), y, args)
     except _grid.Unsupported as error:
         return f"the vector field uses {error}"
+    size = len(program.jaxpr.eqns)
+    if size > MAX_TILE_OPERATIONS:
+        return (f"the vector field and its VJP unfold into {size} operations on lane tiles, more than "
+                f"the kernels take ({MAX_TILE_OPERATIONS}: `fusedrk.kernels._problem.MAX_TILE_OPERATIONS`); "
+                "the GPU compile of kernels this large takes from tens of minutes to hours")
     return None
 
 

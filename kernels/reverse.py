@@ -6,7 +6,8 @@ from the ring; each earlier one after re-running it once from a checkpoint into 
 injects the cotangents of outputs saved in iteration n, and calls
 ``fusedrk._step.tsit5_step_vjp`` on the stored start state and increments (masked to accepted
 steps). Outputs: cotangents of y0, of per-lane arguments ([B]) and per-tile partial
-sums of shared arguments' cotangents (reduced outside).
+sums of shared arguments' cotangents (accumulated per lane during the walk, summed over the
+tile once at its end, and over tiles outside).
 
 The ring is an input aliased to an output (the replay rewrites it in place). Inside a
 differentiated ``jit`` it is a dead residual and XLA reuses its buffer; if it arrives as a
@@ -93,7 +94,8 @@ def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff
             y_bar = zeros
         else:
             y_bar = tuple(r[jnp.int32(0), lanes] for r in ys_bar_refs)
-        args_bar = [jnp.zeros((TB,) if lane else (), d) for lane, d in zip(per_lane, diff_dtypes)]
+        # Per lane, shared arguments too: summed over the tile once, after the walk.
+        args_bar = [jnp.zeros((TB,), d) for d in diff_dtypes]
 
         def inject(n, tprev, tnext, top):
             """Cotangents of outputs saved in iteration n (rows are shared by the tile).
@@ -181,7 +183,7 @@ def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff
             if lane:
                 r[lanes] = g
             else:
-                r[_triton.program_index()] = g
+                r[_triton.program_index()] = jnp.sum(g)
 
     out = _triton.call(kernel, inputs, out_shape, launch, num_tiles=num_tiles, interpret=interpret,
                        name="fusedrk_reverse", aliases=dict(zip(range(3), ring_outputs)))

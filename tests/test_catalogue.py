@@ -16,10 +16,10 @@ from conftest import F64_TOL, assert_tree_close
 
 
 NAMES = problems.CATALOGUE_NAMES
-# The MLP unfolds into ~300 tile products per evaluation: correct on the grid (its jaxpr is
-# evaluated like the others), but XLA:CPU compiles the interpret-mode kernels of its gradient
-# out of memory (the forward kernel alone: 61 s, 3 GB). Not run here until that is solved.
-TOO_BIG_FOR_INTERPRET = {"neural-ode-mlp"}
+# The MLP (4 -> 32 -> 4) unfolds into ~3,400 tile operations per evaluation of the field and its
+# VJP, more than the kernels take (kernels._problem.MAX_TILE_OPERATIONS: its GPU compile runs for
+# far longer than any other field's); backend="auto" runs it on "jax".
+TOO_LARGE_FOR_THE_KERNELS = {"neural-ode-mlp"}
 
 
 # Each field once, alternating fixed and adaptive steps, to keep the interpret-mode suite
@@ -29,8 +29,8 @@ CASES = [(name, i % 2 == 1) for i, name in enumerate(NAMES)]
 
 @pytest.mark.parametrize("name, adaptive", CASES, ids=[f"{n}-{'adaptive' if a else 'fixed'}" for n, a in CASES])
 def test_kernels_equal_the_jax_backend(x64, name, adaptive):
-    if name in TOO_BIG_FOR_INTERPRET:
-        pytest.skip("interpret-mode compile of this field's kernels runs out of memory on XLA:CPU")
+    if name in TOO_LARGE_FOR_THE_KERNELS:
+        pytest.skip("more tile operations than the kernels take (test_a_field_too_large_to_compile_is_refused)")
     field, y0, args, axes, dt0, t1 = problems.catalogue(3, jnp.float64)[name]
     ts = jnp.linspace(0.0, t1, 3)
     tol = dict(rtol=1e-6, atol=1e-8) if adaptive else {}
@@ -103,10 +103,9 @@ class _Chosen(Exception):
     pass
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_auto_picks_the_kernels_on_a_gpu(monkeypatch, name):
-    """backend="auto" on a GPU takes the kernels for every catalogue field: the real decision
-    in solve, with the device reported as a GPU and the core replaced by a recorder."""
+def _auto_choice(monkeypatch, field, y0, args, axes, dt0, t1):
+    """The backend solve(backend="auto") picks with the device reported as a GPU: the real
+    decision in solve, with the core replaced by a recorder."""
     from fusedrk import _solve
 
     chosen = {}
@@ -118,7 +117,32 @@ def test_auto_picks_the_kernels_on_a_gpu(monkeypatch, name):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(_solve, "_check_pallas_device", lambda backend, interpret: None)
     monkeypatch.setattr(_solve, "_make_core", record)
-    field, y0, args, axes, dt0, t1 = problems.catalogue(3, jnp.float32)[name]
     with pytest.raises(_Chosen):
         fusedrk.solve(field, y0, 0.0, t1, args=args, args_axes=axes, dt0=dt0, rtol=1e-6, atol=1e-6)
-    assert chosen["backend"] == "pallas"
+    return chosen["backend"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_auto_picks_the_kernels_on_a_gpu(monkeypatch, name):
+    """backend="auto" on a GPU takes the kernels for every catalogue field they take."""
+    field, y0, args, axes, dt0, t1 = problems.catalogue(3, jnp.float32)[name]
+    expected = "jax" if name in TOO_LARGE_FOR_THE_KERNELS else "pallas"
+    assert _auto_choice(monkeypatch, field, y0, args, axes, dt0, t1) == expected
+
+
+def _mlp(hidden):
+    rng = np.random.default_rng(0)
+    weights = {"W1": rng.normal(size=(hidden, 4)), "b1": rng.normal(size=hidden),
+               "W2": rng.normal(size=(4, hidden)), "b2": rng.normal(size=4)}
+    return {k: jnp.asarray(w, jnp.float32) for k, w in weights.items()}
+
+
+def test_a_field_too_large_to_compile_is_refused(monkeypatch):
+    # The same MLP at two widths: 8 hidden units unfold into ~860 tile operations (taken; its
+    # deviceless compile: about 8 minutes), 32 into ~3,400 (refused, with the count).
+    y0 = jnp.ones((2, 4))
+    message = _refusal(problems.neural_ode_field, y0, _mlp(32))
+    count = int(message.split("unfold into ")[1].split(" ")[0])
+    assert count > kernels._problem.MAX_TILE_OPERATIONS and "MAX_TILE_OPERATIONS" in message
+    assert _auto_choice(monkeypatch, problems.neural_ode_field, y0, _mlp(8), None, 0.05, 0.1) == "pallas"
+    assert _auto_choice(monkeypatch, problems.neural_ode_field, y0, _mlp(32), None, 0.05, 0.1) == "jax"

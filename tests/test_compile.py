@@ -90,3 +90,19 @@ def test_the_bench_compiles_every_catalogue_field():
     from fusedrk import problems
 
     assert {v.field for v in compile_check.CATALOGUE_VARIANTS} >= set(problems.CATALOGUE_NAMES)
+
+
+def test_shared_cotangents_are_summed_once_per_tile():
+    # A shared argument's cotangent is accumulated per lane through the backward walk and summed
+    # over the tile once at its end. Summed inside every VJP pull instead, it put one cross-warp
+    # reduction per shared component and field evaluation into the step loop (329 in this
+    # reverse kernel), and made an MLP's reverse kernel too large for Triton to compile.
+    v = compile_check.CatalogueVariant("lotka-volterra-5", "float32", False, B=129)
+    shared = 25  # the interaction matrix A, [5, 5]; the growth rates r are per lane
+    fn, inputs = compile_check._grad_fn(v)
+    with _triton.gpu_lowering() as modules:
+        fn.trace(*inputs).lower(lowering_platforms=("cuda",))
+    reductions = {_triton.kernel_name(m): str(m).count('"tt.reduce"') for m in modules}
+    # The loop's own reductions (a tile-wide "any lane running" and save-time tests): a few.
+    assert reductions["fusedrk_forward"] <= 8
+    assert reductions["fusedrk_reverse"] <= shared + 8, reductions
