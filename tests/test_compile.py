@@ -10,6 +10,7 @@ plugin is installed (see bench/compile_check.py) and is skipped otherwise.
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -96,13 +97,14 @@ def test_shared_cotangents_are_summed_once_per_tile():
     # A shared argument's cotangent is accumulated per lane through the backward walk and summed
     # over the tile once at its end. Summed inside every VJP pull instead, it put one cross-warp
     # reduction per shared component and field evaluation into the step loop (329 in this
-    # reverse kernel), and made an MLP's reverse kernel too large for Triton to compile.
+    # reverse kernel; a fifth of the operations of an MLP's).
     v = compile_check.CatalogueVariant("lotka-volterra-5", "float32", False, B=129)
     shared = 25  # the interaction matrix A, [5, 5]; the growth rates r are per lane
     fn, inputs = compile_check._grad_fn(v)
     with _triton.gpu_lowering() as modules:
         fn.trace(*inputs).lower(lowering_platforms=("cuda",))
-    reductions = {_triton.kernel_name(m): str(m).count('"tt.reduce"') for m in modules}
+    # `tt.reduce` ops, not the `tt.reduce.return` in their bodies; generic or custom printing.
+    reductions = {_triton.kernel_name(m): len(re.findall(r"\btt\.reduce\b(?!\.)", str(m))) for m in modules}
     # The loop's own reductions (a tile-wide "any lane running" and save-time tests): a few.
     assert reductions["fusedrk_forward"] <= 8
     assert reductions["fusedrk_reverse"] <= shared + 8, reductions
