@@ -1,6 +1,6 @@
 """Do the Pallas kernels compile for an H100? Checked without a GPU, through the public ``solve``.
 
-    python bench/compile_check.py [--group solves catalogue components] [--variants NAME ...]
+    python bench/compile_check.py [--group solves catalogue components sizes] [--variants NAME ...]
                                   [--json FILE] [--keep DIR]
 
 Two levels, over groups of variants; each variant is the ``jit(grad)`` of a loss through
