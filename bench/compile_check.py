@@ -188,10 +188,9 @@ def catalogue_problem(v: CatalogueVariant):
     elif v.field.startswith("mlp-"):
         hidden = int(v.field.split("-")[1])
         rng = np.random.default_rng(0)
-        weights = {"W1": rng.normal(size=(hidden, 4)) / 2, "b1": rng.normal(size=hidden) / 4,
-                   "W2": rng.normal(size=(4, hidden)) / 4, "b2": rng.normal(size=4) / 4}
+        weights = problems.mlp_weights(rng, hidden, dtype)
         case = problems.Case(problems.neural_ode_field, jnp.asarray(rng.uniform(-1, 1, (v.B, 4)), dtype),
-                             {k: jnp.asarray(w, dtype) for k, w in weights.items()}, None, 0.05, 0.3)
+                             weights, None, 0.05, 0.3)
     elif v.field == "lorenz-tuple":
         vec = problems.catalogue(v.B, dtype)["lorenz-vector"]
         case = vec._replace(field=lorenz_tuple_field, y0=tuple(vec.y0[:, j] for j in range(3)))

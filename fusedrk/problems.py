@@ -184,7 +184,14 @@ def kuramoto_field(t, theta, p):  # natural frequencies [N] per lane, coupling s
     return p["omega"] + p["K"] / theta.shape[0] * jnp.sum(jnp.sin(theta[None, :] - theta[:, None]), axis=1)
 
 
-def neural_ode_field(t, y, w):  # MLP 4 -> 32 -> 4, shared weights
+def mlp_weights(rng, hidden: int, dtype=jnp.float32) -> dict:
+    """Shared weights of ``neural_ode_field`` (4 -> hidden -> 4), drawn from ``rng``."""
+    weights = {"W1": rng.normal(size=(hidden, 4)) / 2, "b1": rng.normal(size=hidden) / 4,
+               "W2": rng.normal(size=(4, hidden)) / 4, "b2": rng.normal(size=4) / 4}
+    return {k: jnp.asarray(w, dtype) for k, w in weights.items()}
+
+
+def neural_ode_field(t, y, w):  # MLP 4 -> hidden -> 4 (the catalogue: 32), shared weights
     h = jnp.tanh(w["W1"] @ y + w["b1"])
     return w["W2"] @ h + w["b2"]
 
@@ -257,9 +264,7 @@ def catalogue(B: int, dtype=jnp.float32) -> dict:
     rng = np.random.default_rng(0)
     a = lambda x: jnp.asarray(x, dtype)  # noqa: E731
     lanes = lambda shape, lo=0.5, hi=1.5: a(rng.uniform(lo, hi, (B,) + shape))  # noqa: E731
-    mlp = {"W1": rng.normal(size=(32, 4)) / 2, "b1": rng.normal(size=32) / 4, "W2": rng.normal(size=(4, 32)) / 4,
-           "b2": rng.normal(size=4) / 4}
-    mlp = {k: a(v) for k, v in mlp.items()}
+    mlp = mlp_weights(rng, 32, dtype)
     return {
         "lorenz-vector": Case(lorenz_vector_field, lanes((3,)), {"s": a(10.0), "r": lanes((), 20, 30), "b": a(8 / 3)},
                               {"s": None, "r": 0, "b": None}, 0.01, 0.05),

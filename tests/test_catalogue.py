@@ -131,10 +131,7 @@ def test_auto_picks_the_kernels_on_a_gpu(monkeypatch, name):
 
 
 def _mlp(hidden):
-    rng = np.random.default_rng(0)
-    weights = {"W1": rng.normal(size=(hidden, 4)), "b1": rng.normal(size=hidden),
-               "W2": rng.normal(size=(4, hidden)), "b2": rng.normal(size=4)}
-    return {k: jnp.asarray(w, jnp.float32) for k, w in weights.items()}
+    return problems.mlp_weights(np.random.default_rng(0), hidden)
 
 
 def test_a_field_too_large_to_compile_is_refused(monkeypatch):
