@@ -16,7 +16,9 @@ Two levels, over groups of variants; each variant is the ``jit(grad)`` of a loss
 - ``components`` (``COMPONENT_VARIANTS``, only on request): a Lotka-Volterra chain of N species
   (N = 8 ... 128, above ``MAX_STATE_COMPONENTS`` too) to see where registers spill.
 - ``sizes`` (``SIZE_VARIANTS``, only on request): the catalogue's MLP with 4, 8, 16 and 32
-  hidden units, to time the compile against the field's size (``MAX_TILE_OPERATIONS``).
+  hidden units, to time the compile against the field's size (``MAX_TILE_OPERATIONS``). Its
+  weights are blocks now (``MIN_BLOCK_COMPONENTS``); the per-weight measurements in
+  bench/README.md were taken at commit cc03775.
 
 By default the ``solves`` and ``catalogue`` groups run. Two levels of checking:
 

@@ -497,8 +497,9 @@ def tape_bytes(rows: int, y_flat: tuple, time_itemsize: int, *, backend: str, ad
 
     A row holds, per lane, the start state and k_1..k_6, the step's two times and an accepted
     flag; a checkpoint the state, the FSAL derivative, two times and a result code. The kernels
-    store whole lane tiles (B padded up to a multiple of the tile), times for every lane and
-    int32 flags. The jax backend stores B lanes and a bool flag; with fixed steps all lanes
+    store whole lane tiles (B padded up to a multiple of the tile; counted here with the
+    largest tile, so a field with block values, whose tiles are smaller, may store a little
+    less), times for every lane and int32 flags. The jax backend stores B lanes and a bool flag; with fixed steps all lanes
     share their times, so it keeps one pair per row or checkpoint.
     """
     B = y_flat[0].shape[0]
@@ -758,7 +759,8 @@ def _make_core(lane_fn, layout: _ArgsLayout, config, plan: TapePlan, *, choose_d
         if backend == "pallas":  # iterations run per lane tile
             from fusedrk.kernels import _triton
 
-            iters = jnp.repeat(fwd.iterations, _triton.choose_launch(B).lane_tile)[:B]
+            tile = fwd.save_iter.shape[1] // fwd.iterations.shape[0]  # padded lanes / tiles
+            iters = jnp.repeat(fwd.iterations, tile)[:B]
         else:  # one loop for the whole batch
             iters = jnp.broadcast_to(fwd.num_iters, (B,))
         replayed = _schedule.replayed_iterations(iters, config.tape_rows).astype(jnp.int32)

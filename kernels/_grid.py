@@ -13,9 +13,21 @@ Must not: know about tapes, loops or the Triton lowering; hold step algebra.
 A grid is a numpy object array with the per-lane shape of the value; each entry is a JAX value
 (a [TB] tile, or a 0-d value shared by the tile) or a numpy scalar (a constant known at trace
 time). Values computed only from constants stay constants, so index arithmetic folds away.
+
+A value may instead be a ``Block``: one array holding the whole value, [TB, *shape] per lane or
+[*shape] shared. Large shared weight matrices arrive as blocks (``TileField`` decides which), and
+what is computed from them stays a block: a matrix product becomes one broadcast product and one
+reduction per contracted axis, not one tile operation per weight. That keeps a neural field's
+kernel small enough for Triton to compile (its compile time grows faster than the kernel's
+size). Blocks take elementwise primitives, dot_general, reductions, broadcasts and reshapes
+whose shapes are powers of two (Triton's rule for tensor sizes); any other primitive gets its
+block operands split into grids first, which is always correct and costs one reduction per
+component.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import jax
@@ -60,6 +72,64 @@ PASSTHROUGH = frozenset()
 _LOOPS = ("while", "scan", "cond", "fori_loop", "switch")
 _RANDOM = ("random_bits", "random_seed", "random_wrap", "random_unwrap", "random_fold_in",
            "random_split", "threefry2x32")
+
+
+class Block:
+    """A value held whole: ``array`` is [TB, *shape] when ``lane`` (one row per lane of the
+    tile), else [*shape] (shared by the tile)."""
+
+    def __init__(self, array, lane: bool):
+        self.array, self.lane = array, lane
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.array.shape[1:] if self.lane else self.array.shape)
+
+    @property
+    def dtype(self):
+        return self.array.dtype
+
+
+def blockable(shape) -> bool:
+    """Whether a value of this per-lane shape may be a block: every size a power of two."""
+    return all(n >= 1 and n & (n - 1) == 0 for n in shape)
+
+
+def to_block(value, dtype) -> Block:
+    """A grid as one block, built with one select per component (Triton has no concatenate)."""
+    if isinstance(value, Block):
+        return value
+    entries = list(value.reshape(-1))
+    tiles = [e for e in entries if not is_constant(e) and jnp.ndim(e) == 1]
+    lane = tiles[0].shape if tiles else ()
+    if value.ndim == 0:
+        entry = entries[0]
+        return Block(jnp.asarray(entry, dtype) if is_constant(entry) else entry.astype(dtype), bool(tiles))
+    n = len(entries)
+    shape = lane + (n,)
+    ids = lax.broadcasted_iota(jnp.int32, shape, len(shape) - 1)
+    out = None
+    for j, entry in enumerate(entries):
+        entry = jnp.asarray(entry, dtype)
+        column = lax.broadcast_in_dim(entry, shape, tuple(range(entry.ndim)))
+        out = column if out is None else jnp.where(ids == j, column, out)
+    return Block(out.reshape(lane + value.shape), bool(tiles))
+
+
+def to_grid(value) -> np.ndarray:
+    """A block as a grid: one masked reduction per component."""
+    if not isinstance(value, Block):
+        return value
+    shape, array = value.shape, value.array
+    lead = array.shape[:1] if value.lane else ()
+    if not shape:
+        return make_grid([array], ())
+    n = math.prod(shape)
+    flat = array.reshape(lead + (n,))
+    ids = lax.broadcasted_iota(jnp.int32, flat.shape, flat.ndim - 1)
+    zero = jnp.zeros((), array.dtype)
+    entries = [jnp.sum(jnp.where(ids == j, flat, zero), axis=flat.ndim - 1) for j in range(n)]
+    return make_grid(entries, shape)
 
 
 def make_grid(entries, shape) -> np.ndarray:
@@ -135,6 +205,13 @@ def _eval_eqn(eqn, ins, where):
                           "static per-lane form (use jnp.where for branches)")
     if name in _RANDOM or name.startswith("random_"):
         raise Unsupported(f"`{name}`: random numbers inside the field")
+    if any(isinstance(g, Block) for g in ins):
+        if name in _CALLS:
+            return _eval_called(eqn, ins, where)
+        out = _block_eqn(eqn, ins)
+        if out is not None:
+            return [out]
+        ins = [to_grid(g) for g in ins]
     if name in PASSTHROUGH:
         out = eqn.primitive.bind(*[g[()] for g in ins], **eqn.params)
         return [make_grid([o], ()) for o in (out if eqn.primitive.multiple_results else [out])]
@@ -143,11 +220,7 @@ def _eval_eqn(eqn, ins, where):
         if folded is not None:
             return folded
     if name in _CALLS:
-        inner = _called_jaxpr(eqn)
-        if isinstance(inner, jex_core.ClosedJaxpr):
-            consts = [constant_grid(c) for c in inner.consts]
-            return _eval_jaxpr(inner.jaxpr, consts, ins, where)
-        return _eval_jaxpr(inner, [], ins, where)
+        return _eval_called(eqn, ins, where)
     if name in ELEMENTWISE:
         return [_entrywise(eqn.primitive, eqn.params, ins, [v.aval.dtype for v in eqn.invars])]
     if name in MOVEMENT:
@@ -157,6 +230,111 @@ def _eval_eqn(eqn, ins, where):
     if name == "dot_general":
         return [_dot_general(eqn, ins)]
     raise Unsupported(f"`{name}`, which the kernels do not lower")
+
+
+def _eval_called(eqn, ins, where):
+    inner = _called_jaxpr(eqn)
+    if isinstance(inner, jex_core.ClosedJaxpr):
+        consts = [constant_grid(c) for c in inner.consts]
+        return _eval_jaxpr(inner.jaxpr, consts, ins, where)
+    return _eval_jaxpr(inner, [], ins, where)
+
+
+def _block_eqn(eqn, ins):
+    """One equation with block operands, as one block; None when it has no block form here."""
+    name = eqn.primitive.name
+    if eqn.primitive.multiple_results or not blockable(eqn.outvars[0].aval.shape):
+        return None
+    if not all(blockable(v.aval.shape) for v in eqn.invars):
+        return None
+    dtypes = [v.aval.dtype for v in eqn.invars]
+    out_shape = tuple(eqn.outvars[0].aval.shape)
+    if name in ELEMENTWISE:
+        blocks = [to_block(g, d) for g, d in zip(ins, dtypes)]
+        lane = next((b.array.shape[:1] for b in blocks if b.lane), None)
+        full = (lane or ()) + out_shape
+        arrays = [_broadcast(b, full) for b in blocks]
+        return Block(eqn.primitive.bind(*arrays, **eqn.params), lane is not None)
+    if name == "dot_general":
+        return _block_dot(eqn, [to_block(g, d) for g, d in zip(ins, dtypes)])
+    block = ins[0]
+    if not isinstance(block, Block):
+        return None
+    lead = block.array.shape[:1] if block.lane else ()
+    shift = len(lead)
+    if name in _FOLD_FN:
+        array = block.array
+        for axis in sorted(eqn.params["axes"], reverse=True):  # Triton reduces one axis at a time
+            array = _FOLD_FN[name](array, axis=axis + shift)
+        return Block(array, block.lane)
+    if name == "broadcast_in_dim":
+        dims = tuple(range(shift)) + tuple(d + shift for d in eqn.params["broadcast_dimensions"])
+        return Block(lax.broadcast_in_dim(block.array, lead + out_shape, dims), block.lane)
+    if name in ("reshape", "squeeze", "expand_dims"):
+        return Block(block.array.reshape(lead + out_shape), block.lane)
+    if name == "transpose":
+        perm = tuple(range(shift)) + tuple(p + shift for p in eqn.params["permutation"])
+        return Block(lax.transpose(block.array, perm), block.lane)
+    return None
+
+
+_FOLD_FN = {"reduce_sum": jnp.sum, "reduce_max": jnp.max, "reduce_min": jnp.min, "reduce_prod": jnp.prod}
+
+
+def _broadcast(block: Block, full: tuple):
+    """A block's array broadcast to ``full`` (numpy's rule on the per-lane shapes; the lane
+    axis first)."""
+    array = block.array
+    if array.shape == full:
+        return array
+    rank = array.ndim - (1 if block.lane else 0)
+    dims = tuple(range(len(full) - rank, len(full)))
+    if block.lane:
+        dims = (0,) + dims
+    return lax.broadcast_in_dim(array, full, dims)
+
+
+def _block_dot(eqn, blocks):
+    """dot_general of blocks as one broadcast product and one reduction per contracted axis,
+    laid out as [lane] + lhs axes + rhs free axes, so that no operand needs a transpose (Triton
+    moves data between axes through shared memory). When only the operands' order stands in the
+    way (a vector times a matrix from the left), they swap. None when no order needs no
+    transpose."""
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    out_dtype = eqn.outvars[0].aval.dtype
+    lhs, rhs = blocks
+    out = _product(lhs, rhs, lc, rc, lb, rb, out_dtype)
+    lf = [d for d in range(len(lhs.shape)) if d not in lc and d not in lb]
+    if out is None and not lf and not lb:  # the output is the rhs's free axes either way
+        out = _product(rhs, lhs, rc, lc, rb, lb, out_dtype)
+    return out
+
+
+def _product(lhs, rhs, lc, rc, lb, rb, out_dtype):
+    nl, nr = len(lhs.shape), len(rhs.shape)
+    lf = [d for d in range(nl) if d not in lc and d not in lb]
+    rf = [d for d in range(nr) if d not in rc and d not in rb]
+    if list(lb) != sorted(lb) or (lf and lb and max(lb) > min(lf)):
+        return None  # the output's order (batch, lhs free, rhs free) would need a transpose
+    partner = dict(zip(rc, lc)) | dict(zip(rb, lb))
+    rhs_dims = [partner[d] if d in partner else nl + rf.index(d) for d in range(nr)]
+    if rhs_dims != sorted(rhs_dims):
+        return None
+    lane = next((b.array.shape[:1] for b in (lhs, rhs) if b.lane), None)
+    lead = lane or ()
+    shift = len(lead)
+    full = lead + tuple(lhs.shape) + tuple(rhs.shape[d] for d in rf)
+
+    def spread(block, dims):
+        dims = tuple(d + shift for d in dims)
+        if block.lane:
+            dims = (0,) + dims
+        return lax.broadcast_in_dim(block.array.astype(out_dtype), full, dims)
+
+    product = spread(lhs, range(nl)) * spread(rhs, rhs_dims)
+    for axis in sorted(lc, reverse=True):
+        product = jnp.sum(product, axis=axis + shift)
+    return Block(product, lane is not None)
 
 
 def _called_jaxpr(eqn):

@@ -50,6 +50,19 @@ MAX_STATE_COMPONENTS = 16
 MAX_TILE_OPERATIONS = 1200
 
 
+# A shared argument leaf with at least this many components, every size a power of two, is
+# loaded whole as one block (``_grid.Block``: a weight matrix), so that products with it are
+# block operations instead of one tile operation per weight; smaller leaves are loaded as one
+# value per component. 16 keeps every small parameter vector and matrix of the catalogue on
+# the per-component path the other fields compile with, and puts the MLP's weights on blocks.
+MIN_BLOCK_COMPONENTS = 16
+
+
+def held_whole(shape, axis) -> bool:
+    """Whether an argument leaf of this shape and batch axis is loaded as one block."""
+    return axis is None and math.prod(shape) >= MIN_BLOCK_COMPONENTS and _grid.blockable(shape)
+
+
 def state_component_limit(dtype) -> int:
     """MAX_STATE_COMPONENTS for a state of this dtype: halved for 8-byte components."""
     return MAX_STATE_COMPONENTS * 4 // max(4, jnp.dtype(dtype).itemsize)
@@ -95,6 +108,12 @@ class TileField(NamedTuple):
     nondiff_axes: tuple
 
     @property
+    def has_blocks(self) -> bool:
+        """Whether an argument is held whole (the kernels then launch smaller lane tiles)."""
+        return any(held_whole(s, a) for s, a in zip(self.diff_shapes + self.nondiff_shapes,
+                                                      self.diff_axes + self.nondiff_axes))
+
+    @property
     def num_components(self) -> int:
         return sum(math.prod(s) for s in self.y_shapes)
 
@@ -125,7 +144,7 @@ class TileField(NamedTuple):
                     inputs += cols
                     axes += [0] * len(cols)
                 else:
-                    inputs.append(x if x.ndim == 0 else x.reshape(-1))
+                    inputs.append(x if x.ndim == 0 or held_whole(x.shape, axis) else x.reshape(-1))
                     axes.append(None)
         return inputs, axes
 
@@ -139,22 +158,37 @@ class TileField(NamedTuple):
                 n = math.prod(shape)
                 if axis == 0:
                     group.append([refs.pop(0)[lanes] for _ in range(n)])
+                elif held_whole(shape, axis):
+                    group.append(_grid.Block(refs.pop(0)[...], lane=False))
                 else:
                     ref = refs.pop(0)
                     group.append([ref[...]] if len(shape) == 0 else [ref[j] for j in range(n)])
             loaded.append(group)
         return loaded[0], loaded[1]
 
-    def diff_cotangent_shapes(self):
-        """Per differentiable component: True when per lane (its cotangent is a [B] array)."""
-        return [axis == 0 for shape, axis in zip(self.diff_shapes, self.diff_axes) for _ in range(math.prod(shape))]
+    def diff_cotangent_slots(self) -> list:
+        """How the reverse kernel returns each differentiable argument's cotangent, one slot per
+        component, or per leaf when loaded whole: ("lane", ()) a [B] array per lane; ("tile",
+        ()) per-tile partial sums [tiles] of a shared component; ("whole", shape) per-tile
+        partial sums [tiles, *shape] of a shared leaf loaded as one block."""
+        slots = []
+        for shape, axis in zip(self.diff_shapes, self.diff_axes):
+            if held_whole(shape, axis):
+                slots.append(("whole", shape))
+            else:
+                slots += [("lane" if axis == 0 else "tile", ())] * math.prod(shape)
+        return slots
 
-    def join_diff_cotangents(self, per_component: list, B: int) -> list:
-        """[B] (per lane) or [tiles] partial sums (shared) per component -> leaves like diff."""
+    def join_diff_cotangents(self, per_slot: list, B: int) -> list:
+        """The reverse kernel's cotangent outputs (see ``diff_cotangent_slots``) -> leaves like diff."""
         out, i = [], 0
         for shape, axis in zip(self.diff_shapes, self.diff_axes):
+            if held_whole(shape, axis):
+                out.append(jnp.sum(per_slot[i], axis=0))
+                i += 1
+                continue
             n = math.prod(shape)
-            comps = per_component[i: i + n]
+            comps = per_slot[i: i + n]
             i += n
             if axis == 0:
                 out.append(jnp.stack([c[:B] for c in comps], axis=-1).reshape((B,) + shape))
@@ -169,24 +203,33 @@ class TileField(NamedTuple):
         outs = _grid.evaluate(self.jaxpr, _scalar_grid(t), *self._grids(y, self.y_shapes),
                               *self._arg_grids(diff, self.diff_shapes), *self._arg_grids(nondiff, self.nondiff_shapes))
         shape = jnp.shape(y[0])
-        return tuple(_grid._entry(e, y[0].dtype, shape) for g in outs for e in g.reshape(-1))
+        return tuple(_grid._entry(e, y[0].dtype, shape) for g in outs for e in _grid.to_grid(g).reshape(-1))
 
     def vjp(self, t, y: tuple, diff: list, nondiff: list, f_bar: tuple):
-        """(y_bar component tiles, per differentiable component cotangent tiles [TB]).
+        """(y_bar component tiles, cotangents of the differentiable arguments: a tile [TB] per
+        component, or for a leaf loaded whole one array [*shape] summed over the tile).
 
-        A shared argument's cotangent is left per lane too: the reverse kernel accumulates it
-        per lane over the whole walk and sums over the tile once at the end. Summing here, in
-        every pull, put a cross-warp reduction (barriers through shared memory) per shared
-        component per stage in the step loop: 3,800 of them for a 4 -> 32 -> 4 MLP, a fifth of
-        its reverse kernel's operations."""
+        A shared argument's per-component cotangent is left per lane: the reverse kernel
+        accumulates it per lane over the whole walk and sums over the tile once at the end.
+        Summing here, in every pull, put a cross-warp reduction (barriers through shared
+        memory) per shared component per stage in the step loop: 3,800 of them for a 4 -> 32
+        -> 4 MLP in that form, a fifth of its reverse kernel's operations. A leaf held whole
+        is summed here instead: one reduction per leaf and pull, where keeping it per lane
+        would hold a weight matrix per lane in registers through the walk."""
         outs = _grid.evaluate(self.vjp_jaxpr, _scalar_grid(t), *self._grids(y, self.y_shapes),
                               *self._arg_grids(diff, self.diff_shapes), *self._arg_grids(nondiff, self.nondiff_shapes),
                               *self._grids(f_bar, self.y_shapes), where="the vector field's VJP")
         shape = jnp.shape(y[0])
-        y_bar = tuple(_grid._entry(e, y[0].dtype, shape) for g in outs[: len(self.y_shapes)] for e in g.reshape(-1))
+        y_bar = tuple(_grid._entry(e, y[0].dtype, shape) for g in outs[: len(self.y_shapes)]
+                      for e in _grid.to_grid(g).reshape(-1))
         d_bar = []
         for g, axis, x in zip(outs[len(self.y_shapes):], self.diff_axes, diff):
-            for e, like in zip(g.reshape(-1), x):
+            if isinstance(x, _grid.Block):
+                block = _grid.to_block(g, x.dtype)
+                d_bar.append(jnp.sum(block.array, axis=0) if block.lane
+                             else _grid._entry(block.array * shape[0], x.dtype, x.shape))
+                continue
+            for e, like in zip(_grid.to_grid(g).reshape(-1), x):
                 d_bar.append(_grid._entry(e, jnp.result_type(like), shape))
         return y_bar, d_bar
 
@@ -201,7 +244,8 @@ class TileField(NamedTuple):
 
     @staticmethod
     def _arg_grids(leaves, shapes):
-        return [_grid.make_grid(list(comps), shape) for comps, shape in zip(leaves, shapes)]
+        return [comps if isinstance(comps, _grid.Block) else _grid.make_grid(list(comps), shape)
+                for comps, shape in zip(leaves, shapes)]
 
 
 def _scalar_grid(t):
@@ -214,8 +258,12 @@ def _columns(x) -> list:
     return [flat[:, j] for j in range(flat.shape[1])] if x.ndim > 1 else [x]
 
 
-def unsupported_reason(problem: TileProblem, y0: tuple, diff: list, nondiff: list, tdtype):
-    """Why the kernels cannot run this field (a string), or None when they can."""
+def unsupported_reason(problem: TileProblem, y0: tuple, diff: list, nondiff: list, tdtype, *,
+                       max_operations: int | None = None):
+    """Why the kernels cannot run this field (a string), or None when they can.
+    ``max_operations`` defaults to MAX_TILE_OPERATIONS (read at call time)."""
+    if max_operations is None:
+        max_operations = MAX_TILE_OPERATIONS
     if len({leaf.dtype for leaf in y0}) != 1:
         return "state leaves have different dtypes; the kernels store one tape dtype"
     try:
@@ -242,10 +290,12 @@ def unsupported_reason(problem: TileProblem, y0: tuple, diff: list, nondiff: lis
     except _grid.Unsupported as error:
         return f"the vector field uses {error}"
     size = len(program.jaxpr.eqns)
-    if size > MAX_TILE_OPERATIONS:
+    if size > max_operations:
         return (f"the vector field and its VJP unfold into {size} operations on lane tiles, more than "
-                f"the kernels take ({MAX_TILE_OPERATIONS}: `fusedrk.kernels._problem.MAX_TILE_OPERATIONS`); "
-                "the GPU compile of kernels this large takes from tens of minutes to hours")
+                f"the kernels take ({max_operations}: `fusedrk.kernels._problem.MAX_TILE_OPERATIONS`); "
+                "the GPU compile of kernels this large takes from tens of minutes to hours. Shared "
+                f"arguments of at least {MIN_BLOCK_COMPONENTS} components whose sizes are all powers of "
+                "two (weight matrices) are taken as blocks and unfold into far fewer")
     return None
 
 

@@ -43,21 +43,29 @@ class LaunchConfig:
 
 # 128 lanes per program puts one lane per thread of a 4-warp program; fewer lanes than that
 # leave threads idle, more serialise the in-kernel time loop over fewer programs. Small batches
-# use the next power of two (at least 16, Triton's smallest comfortable block).
+# use the next power of two (at least 16, Triton's smallest comfortable block). A field with
+# block values (``_grid.Block``: weight matrices) takes the smallest tile and 8 warps: its block
+# products ([lanes, *weight shape]) then spread over 256 threads instead of each thread holding
+# much of a lane's products. The catalogue MLP (4 -> 32 -> 4, float32, B = 65,536; deviceless
+# H100 compile, 2026-11-29), registers and spill stores, forward / reverse kernel:
+#   128 lanes, 4 warps: 255 regs 764 B / 255 regs 40,028 B
+#    16 lanes, 4 warps: 168 regs 0 B   / 255 regs 7,124 B
+#    16 lanes, 8 warps: 126 regs 0 B   / 255 regs 1,040 B
 MAX_LANE_TILE = 128
 MIN_LANE_TILE = 16
+BLOCK_WARPS = 8
 
 
-def choose_launch(batch: int) -> LaunchConfig:
+def choose_launch(batch: int, blocks: bool = False) -> LaunchConfig:
     tile = MIN_LANE_TILE
-    while tile < min(batch, MAX_LANE_TILE):
+    while tile < min(batch, MIN_LANE_TILE if blocks else MAX_LANE_TILE):
         tile *= 2
-    return LaunchConfig(lane_tile=tile)
+    return LaunchConfig(lane_tile=tile, num_warps=BLOCK_WARPS if blocks else 4)
 
 
-def padded_batch(batch: int) -> int:
+def padded_batch(batch: int, blocks: bool = False) -> int:
     """Lanes the kernels store for a batch: whole tiles (padded lanes repeat the last one)."""
-    tile = choose_launch(batch).lane_tile
+    tile = choose_launch(batch, blocks).lane_tile
     return -(-batch // tile) * tile
 
 

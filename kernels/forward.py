@@ -143,16 +143,16 @@ def read_checkpoint(refs, segment, lanes, L):
 def forward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff: list, nondiff: list,
             *, with_tape: bool, interpret: bool) -> KernelForward:
     B = y0[0].shape[0]
-    launch = _triton.choose_launch(B)
+    tdtype = times.t_start.dtype
+    tiles = problem.on_tiles(y0, diff, nondiff, tdtype)
+    launch = _triton.choose_launch(B, tiles.has_blocks)
     TB = launch.lane_tile
-    Bp = _triton.padded_batch(B)
+    Bp = _triton.padded_batch(B, tiles.has_blocks)
     num_tiles = Bp // TB
     T = times.ts.shape[0]
     R = config.tape_rows
     segments = _schedule.num_segments(config.rows, R)
     dtype = y0[0].dtype
-    tdtype = times.t_start.dtype
-    tiles = problem.on_tiles(y0, diff, nondiff, tdtype)
     components = tiles.components(y0)  # the kernels see one [B] array per state component
     L = len(components)
     arg_inputs, arg_axes = tiles.arg_inputs(diff, nondiff)

@@ -30,7 +30,7 @@ from fusedrk._reference import NONFINITE, TAPE_STAGES, Config, Times
 from fusedrk._tableau import NUM_STAGES
 
 from . import _triton
-from ._problem import TileProblem, pad_lanes
+from ._problem import TileProblem, held_whole, pad_lanes
 from .forward import KernelForward, Scalars, attempt, read_checkpoint, time_scalars, write_row
 
 
@@ -38,14 +38,14 @@ def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff
              fwd: KernelForward, ys_bar: tuple, *, interpret: bool):
     """Returns (y0_bar, diff_bar) shaped like y0 and diff."""
     B = y0[0].shape[0]
-    launch = _triton.choose_launch(B)  # the forward's tiles
+    tiles = problem.on_tiles(y0, diff, nondiff, times.t_start.dtype)
+    launch = _triton.choose_launch(B, tiles.has_blocks)  # the forward's tiles
     TB = launch.lane_tile
     num_tiles = fwd.iterations.shape[0]
     Bp = num_tiles * TB
     T = times.ts.shape[0]
     R = config.tape_rows
     dtype = y0[0].dtype
-    tiles = problem.on_tiles(y0, diff, nondiff, times.t_start.dtype)
     components = tiles.components(y0)
     L = len(components)
     arg_inputs, arg_axes = tiles.arg_inputs(diff, nondiff)
@@ -56,14 +56,15 @@ def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff
     # The ring comes first: it is also an output (aliased), rewritten by each segment's replay.
     inputs = [*fwd.tape.ring, *fwd.tape.checkpoints, fwd.save_iter, fwd.iterations, *ys_bar_rows, *y0p,
               *argsp, times.ts, *time_scalars(times, config, dtype)]
-    # One cotangent output per differentiable component: [Bp] per lane, [tiles] partial sums
-    # when shared (reduced outside).
-    per_lane = tiles.diff_cotangent_shapes()
-    n_diff = len(per_lane)
+    # One cotangent output per differentiable component (or leaf held whole): [Bp] per lane,
+    # [tiles, *shape] partial sums when shared (reduced outside).
+    slots = tiles.diff_cotangent_slots()
+    n_diff = len(slots)
     diff_dtypes = [x.dtype for x, a in zip(diff, problem.diff_axes)
-                   for _ in range(math.prod(x.shape[1:] if a == 0 else x.shape))]
+                   for _ in range(1 if held_whole(x.shape, a) else math.prod(x.shape[1:] if a == 0 else x.shape))]
     out_shape = [jax.ShapeDtypeStruct((Bp,), dtype) for _ in range(L)]
-    out_shape += [jax.ShapeDtypeStruct((Bp,) if lane else (num_tiles,), d) for lane, d in zip(per_lane, diff_dtypes)]
+    out_shape += [jax.ShapeDtypeStruct((Bp,) if kind == "lane" else (num_tiles, *shape), d)
+                  for (kind, shape), d in zip(slots, diff_dtypes)]
     ring_outputs = range(len(out_shape), len(out_shape) + 3)
     out_shape += [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in fwd.tape.ring]
 
@@ -94,8 +95,9 @@ def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff
             y_bar = zeros
         else:
             y_bar = tuple(r[jnp.int32(0), lanes] for r in ys_bar_refs)
-        # Per lane, shared arguments too: summed over the tile once, after the walk.
-        args_bar = [jnp.zeros((TB,), d) for d in diff_dtypes]
+        # Per lane, shared components too: summed over the tile once, after the walk. A leaf
+        # held whole arrives summed over the tile from each pull.
+        args_bar = [jnp.zeros(shape if kind == "whole" else (TB,), d) for (kind, shape), d in zip(slots, diff_dtypes)]
 
         def inject(n, tprev, tnext, top):
             """Cotangents of outputs saved in iteration n (rows are shared by the tile).
@@ -179,11 +181,13 @@ def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff
             y_bar = lax.fori_loop(jnp.int32(0), _triton.count_if(k.t_start == k.t_end, T), add_row, y_bar)
         for r, g in zip(y_bar_refs, y_bar):
             r[lanes] = g
-        for r, g, lane in zip(args_bar_refs, args_bar, per_lane):
-            if lane:
+        for r, g, (kind, _) in zip(args_bar_refs, args_bar, slots):
+            if kind == "lane":
                 r[lanes] = g
-            else:
+            elif kind == "tile":
                 r[_triton.program_index()] = jnp.sum(g)
+            else:
+                r[_triton.program_index()] = g
 
     out = _triton.call(kernel, inputs, out_shape, launch, num_tiles=num_tiles, interpret=interpret,
                        name="fusedrk_reverse", aliases=dict(zip(range(3), ring_outputs)))

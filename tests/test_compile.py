@@ -26,8 +26,10 @@ from fusedrk.kernels import _triton
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-# float64, adaptive steps, a [8] state with broadcasting, sines and a reduction in the field.
-CI_CATALOGUE = [compile_check.CatalogueVariant("kuramoto-8", "float64", True)]
+# float64, adaptive steps, a [8] state with broadcasting, sines and a reduction in the field;
+# the MLP: its weight matrices are blocks (3-d products and reductions in the Triton IR).
+CI_CATALOGUE = [compile_check.CatalogueVariant("kuramoto-8", "float64", True),
+                compile_check.CatalogueVariant("neural-ode-mlp", "float32", False)]
 
 
 @pytest.mark.parametrize("variant", compile_check.VARIANTS + CI_CATALOGUE, ids=lambda v: v.name)
