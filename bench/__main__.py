@@ -27,7 +27,7 @@ import jaxlib
 
 import fusedrk
 from bench import peers
-from fusedrk import problems
+from fusedrk import _liveness, problems
 from fusedrk._measure import rel_err, timed
 from fusedrk._solve import tape_plan
 
@@ -65,6 +65,7 @@ class Case(NamedTuple):
     theirs: Callable  # theirs(adjoint, t1) -> fn(params) returning (loss, ys)
     state_per_lane: int  # floats of state per lane (tape accounting)
     peer: Callable | None  # peer(name, t1) -> peers.PeerRun, for the fixed-step workloads
+    tape_state: bool = True  # the jax backend's tape holds the state (fusedrk/_liveness.py)
 
 
 def _seed_case(name, quick):
@@ -101,7 +102,9 @@ def _seed_case(name, quick):
     def peer(peer_name, horizon):
         return peers.run(peer_name, peers.Spec(name, (y0,), p.t0, horizon, p.dt0, None, loss(horizon)))
 
-    return [Case(name, "grad", 2250, t1, t1_diffrax, int(round(t1 / p.dt0)), False, y0, ours, theirs, 1, peer)]
+    reads = _liveness.field_reads_state(p.field, jax.ShapeDtypeStruct((), jnp.float32))
+    return [Case(name, "grad", 2250, t1, t1_diffrax, int(round(t1 / p.dt0)), False, y0, ours, theirs, 1, peer,
+                 tape_state=reads)]
 
 
 def _ensemble_cases(name, quick, sizes):
@@ -252,7 +255,7 @@ def run_case(case: Case, method: str, repeats: int, get_run: Callable, oracle: d
         lanes = (jnp.zeros((case.B, case.state_per_lane), jnp.float32),)
         backend = "jax" if method == QUARTER_TAPE else method.removeprefix("fusedrk-")
         plan = tape_plan(lanes, jnp.float32, rows=case.steps + 1, backend=backend, adaptive=case.adaptive,
-                         known_fixed=not case.adaptive,
+                         known_fixed=not case.adaptive, tape_state=backend == "pallas" or case.tape_state,
                          tape_rows=case.ours.quarter if method == QUARTER_TAPE else None)
         row["tape_bytes"] = plan.bytes
         row["tape_gbps"] = 2 * row["tape_bytes"] / (row["median_ms"] / 1e3) / 1e9

@@ -90,6 +90,7 @@ def _import_fusedrk():
 fusedrk = _import_fusedrk()
 from fusedrk import problems  # noqa: E402
 from fusedrk._measure import ENVELOPE_MULTIPLE, one_ulp_up, rel_err, rounding_tol, timed  # noqa: E402
+from fusedrk import _liveness  # noqa: E402
 from fusedrk._solve import tape_bytes  # noqa: E402
 
 
@@ -285,7 +286,9 @@ def target_seed(run: Run, name: str) -> None:
         ys_err = None
     tol = rounding_tol(jnp.float32, steps)
     correct = grad_err <= tol
-    tape = tape_bytes(steps + 1, (y0,), 4, backend="pallas", adaptive=False)
+    # The seed's VJP reads no state: its tape holds times and flags only (fusedrk/_liveness.py).
+    tape = tape_bytes(steps + 1, (y0,), 4, backend="pallas", adaptive=False,
+                      tape_state=_liveness.field_reads_state(p.field, y0[0]))
     run.record(part="target", name=name, what=f"{steps} steps x {B} lanes, jit(grad)", ms=t.median_s * 1e3,
                limit_ms=limit, compile_s=t.compile_s, grad_rel_err=grad_err, ys_rel_err=ys_err, tol=tol,
                tape_gb=tape / 1e9, status=_verdict(run, t.median_s * 1e3, limit, correct))

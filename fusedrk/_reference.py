@@ -39,6 +39,9 @@ class Config(NamedTuple):
     save_ts: bool  # True: save at ts; False: save y(t1) only
     rows: int  # loop bound: max_steps, or fewer for known fixed steps
     tape_rows: int  # R: rows of the tape ring, iterations per checkpointed segment (_schedule)
+    # Whether the tape stores each step's start state and increments: not when the field's
+    # VJP never reads the state (fusedrk/_liveness.py; a field linear in y).
+    tape_state: bool = True
 
 
 class Times(NamedTuple):
@@ -60,8 +63,8 @@ LOOP = ("tprev", "tnext", "y", "f", "result")
 class Tape(NamedTuple):
     """A ring of R rows (row = iteration mod R) and one checkpoint per segment."""
 
-    y: tuple  # leaves [R, B, ...]: start state of each iteration
-    k: tuple  # leaves [R, TAPE_STAGES, B, ...]
+    y: tuple  # leaves [R, B, ...]: start state of each iteration (() without Config.tape_state)
+    k: tuple  # leaves [R, TAPE_STAGES, B, ...] (() without Config.tape_state)
     tprev: jax.Array  # [R, B] adaptive, [R] fixed steps (all lanes share times)
     tnext: jax.Array
     accepted: jax.Array  # [R, B] bool: an accepted step of a still-running lane
@@ -179,9 +182,10 @@ def forward(config: Config, field, times: Times, y0: tuple, *, with_tape: bool) 
         R = config.tape_rows
         segments = _schedule.num_segments(config.rows, R)
         spec = jax.ShapeDtypeStruct
+        stored = y0 if config.tape_state else ()
         carry["tape"] = _uninitialised.like(Tape(
-            y=tuple(spec((R,) + y.shape, y.dtype) for y in y0),
-            k=tuple(spec((R, TAPE_STAGES) + y.shape, y.dtype) for y in y0),
+            y=tuple(spec((R,) + y.shape, y.dtype) for y in stored),
+            k=tuple(spec((R, TAPE_STAGES) + y.shape, y.dtype) for y in stored),
             tprev=spec((R,) + t_start.shape, tdtype),
             tnext=spec((R,) + t_start.shape, tdtype),
             accepted=spec((R, B), jnp.bool_),
@@ -423,8 +427,11 @@ def backward(config: Config, field, field_vjp, times: Times, y0: tuple, fwd: For
 
         mask = tape.accepted[row]
         tprev, tnext = tape.tprev[row], tape.tnext[row]
-        y_start = tuple(buf[row] for buf in tape.y)
-        ks = tuple(tuple(buf[row, s] for buf in tape.k) for s in range(TAPE_STAGES))
+        if config.tape_state:
+            y_start = tuple(buf[row] for buf in tape.y)
+            ks = tuple(tuple(buf[row, s] for buf in tape.k) for s in range(TAPE_STAGES))
+        else:  # the field's VJP does not read the stage inputs built from these
+            y_start, ks = zeros, (zeros,) * TAPE_STAGES
         pointer, due, y0_bar_saves, k_bars = inject_saves(n, tprev, tnext, pointer, due)
         control = times.direction * (tnext - tprev)
         y0_bar, f0_bar, step_args_bar = _step.tsit5_step_vjp(

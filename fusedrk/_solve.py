@@ -24,7 +24,7 @@ from jax.custom_derivatives import SymbolicZero
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from . import _reference, _schedule, _shard, _step
+from . import _liveness, _reference, _schedule, _shard, _step
 from ._reference import TAPE_STAGES
 
 
@@ -195,10 +195,16 @@ def solve(
     split = _shard.batch_sharding(y_flat[0], sharding)
     # Each device keeps the tape of its own lanes: the plan is per device.
     per_device = B if split is None else -(-B // split.devices)
+    # Both backends leave the state out of the tape when the field's VJP never reads it.
+    tape_state = _liveness.vjp_reads_state(
+        lane_fn, [jax.ShapeDtypeStruct(y.shape[1:], y.dtype) for y in y_flat],
+        [_lane_struct(x, a) for x, a in zip(diff_args, layout.diff_axes)],
+        [_lane_struct(x, a) for x, a in zip(nondiff_args, layout.nondiff_axes)], jax.ShapeDtypeStruct((), tdtype))
     plan = tape_plan(tuple(jax.ShapeDtypeStruct((per_device,) + y.shape[1:], y.dtype) for y in y_flat),
                      tdtype, rows=rows, backend=backend, adaptive=adaptive,
-                     known_fixed=num_steps is not None, tape_rows=tape_rows)
-    config = _reference.Config(adaptive=adaptive, save_ts=ts is not None, rows=rows, tape_rows=plan.rows)
+                     known_fixed=num_steps is not None, tape_rows=tape_rows, tape_state=tape_state)
+    config = _reference.Config(adaptive=adaptive, save_ts=ts is not None, rows=rows, tape_rows=plan.rows,
+                               tape_state=tape_state)
     core = _make_core(lane_fn, layout, config, plan, choose_dt0=dt0 is None, backend=backend, interpret=interpret,
                       throw=throw)
     # Traced on several devices, the forward's check runs on each device's own codes: outside
@@ -491,7 +497,7 @@ def _device_memory_bytes() -> int:
 
 
 def tape_bytes(rows: int, y_flat: tuple, time_itemsize: int, *, backend: str, adaptive: bool,
-               segments: int = 0) -> int:
+               segments: int = 0, tape_state: bool = True) -> int:
     """Bytes of the gradient tape ``backend`` stores for ``rows`` ring rows and ``segments``
     checkpoints.
 
@@ -500,22 +506,26 @@ def tape_bytes(rows: int, y_flat: tuple, time_itemsize: int, *, backend: str, ad
     store whole lane tiles (B padded up to a multiple of the tile; counted here with the
     largest tile, so a field with block values, whose tiles are smaller, may store a little
     less), times for every lane and int32 flags. The jax backend stores B lanes and a bool flag; with fixed steps all lanes
-    share their times, so it keeps one pair per row or checkpoint.
+    share their times, so it keeps one pair per row or checkpoint. Without ``tape_state`` (the
+    field's VJP reads no state: fusedrk/_liveness.py) rows hold no state or increments.
     """
     B = y_flat[0].shape[0]
     state = sum(int(np.prod(y.shape[1:])) * y.dtype.itemsize for y in y_flat)
-    per_lane = (1 + TAPE_STAGES) * state
+    per_lane = (1 + TAPE_STAGES) * state if tape_state else 0
+    extra = 0
     if backend == "pallas":
         from fusedrk.kernels import _triton
 
         lanes = _triton.padded_batch(B)
         row = lanes * (per_lane + 2 * time_itemsize + 4)
         checkpoint = lanes * (2 * state + 2 * time_itemsize + 4)
+        if not tape_state and rows:  # the states' [1, 1, lanes] placeholder
+            extra = lanes * y_flat[0].dtype.itemsize
     else:
         times = 2 * time_itemsize * (B if adaptive else 1)
         row = B * (per_lane + 1) + times
         checkpoint = B * (2 * state + 4) + times
-    return rows * row + segments * checkpoint
+    return rows * row + segments * checkpoint + extra
 
 
 # The automatic ring's memory budget per backend (``tape_rows=None``), chosen by measurement
@@ -546,10 +556,10 @@ class TapePlan(NamedTuple):
 
 
 def tape_plan(y_flat: tuple, tdtype, *, rows: int, backend: str, adaptive: bool, known_fixed: bool,
-              tape_rows: Optional[int] = None) -> TapePlan:
+              tape_rows: Optional[int] = None, tape_state: bool = True) -> TapePlan:
     """The tape a gradient of this solve stores: R chosen by ``_schedule.choose_tape_rows``
     (or ``tape_rows`` capped at the loop's ``rows``), its segments and its bytes."""
-    sizes = dict(backend=backend, adaptive=adaptive)
+    sizes = dict(backend=backend, adaptive=adaptive, tape_state=tape_state)
     itemsize = np.dtype(tdtype).itemsize
     R = _schedule.choose_tape_rows(
         tape_rows, rows=rows, known_fixed=known_fixed, row_bytes=tape_bytes(1, y_flat, itemsize, **sizes),

@@ -33,7 +33,9 @@ NEVER_SAVED = 2**31 - 1
 class KernelTape(NamedTuple):
     """A ring of R rows (row = iteration mod R) and one checkpoint per segment (``_schedule``)."""
 
-    states: jax.Array  # [R, (1 + TAPE_STAGES) * L, Bp]: start state then k_1..k_6, per leaf
+    # [R, (1 + TAPE_STAGES) * L, Bp]: start state then k_1..k_6, per leaf; a [1, 1, Bp]
+    # placeholder, never written or read, without Config.tape_state (the VJP reads no state).
+    states: jax.Array
     times: jax.Array  # [R, 2, Bp]: tprev, tnext
     accepted: jax.Array  # [R, Bp] int32
     checkpoint_states: jax.Array  # [segments, 2 * L, Bp]: state then FSAL derivative, per leaf
@@ -111,13 +113,14 @@ def attempt(config: Config, field, k: Scalars, n, tprev, tnext, y, f, result) ->
     )
 
 
-def write_row(ring_refs, row, lanes, tprev, tnext, y, step: _step.Attempt) -> None:
+def write_row(config: Config, ring_refs, row, lanes, tprev, tnext, y, step: _step.Attempt) -> None:
     """Store what the reverse sweep reads of one iteration in ring row ``row``."""
     states_ref, times_ref, accepted_ref = ring_refs
     L = len(y)
-    for s, state in enumerate((y,) + step.ks[:TAPE_STAGES]):
-        for leaf_index, leaf in enumerate(state):
-            states_ref[row, jnp.int32(s * L + leaf_index), lanes] = leaf
+    if config.tape_state:
+        for s, state in enumerate((y,) + step.ks[:TAPE_STAGES]):
+            for leaf_index, leaf in enumerate(state):
+                states_ref[row, jnp.int32(s * L + leaf_index), lanes] = leaf
     times_ref[row, jnp.int32(0), lanes] = tprev
     times_ref[row, jnp.int32(1), lanes] = tnext
     accepted_ref[row, lanes] = step.accept.astype(jnp.int32)
@@ -166,7 +169,7 @@ def forward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff:
     out_shape += [jax.ShapeDtypeStruct((Bp,), tdtype)]  # time each lane reached
     if with_tape:
         out_shape += [
-            jax.ShapeDtypeStruct((R, (1 + TAPE_STAGES) * L, Bp), dtype),
+            jax.ShapeDtypeStruct((R, (1 + TAPE_STAGES) * L, Bp) if config.tape_state else (1, 1, Bp), dtype),
             jax.ShapeDtypeStruct((R, 2, Bp), tdtype),
             jax.ShapeDtypeStruct((R, Bp), jnp.int32),
             jax.ShapeDtypeStruct((segments, 2 * L, Bp), dtype),
@@ -214,7 +217,7 @@ def forward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff:
                     attempted.ks, save_index, first_unsaved,
                 )
             if with_tape:
-                write_row(ring_refs, row, lanes, tprev, tnext, y, attempted)
+                write_row(config, ring_refs, row, lanes, tprev, tnext, y, attempted)
             return (
                 attempted.tprev, attempted.tnext, attempted.y, attempted.f,
                 acc + attempted.accept.astype(jnp.int32), rej + attempted.reject.astype(jnp.int32),

@@ -138,7 +138,7 @@ def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff
             def one(i, loop):
                 tprev, tnext, y, f, result = loop
                 attempted = attempt(config, field, k, start + i, tprev, tnext, y, f, result)
-                write_row(ring_refs, i, lanes, tprev, tnext, y, attempted)
+                write_row(config, ring_refs, i, lanes, tprev, tnext, y, attempted)
                 return (attempted.tprev, attempted.tnext, attempted.y, attempted.f,
                         jnp.where(attempted.nonfinite, NONFINITE, result))
 
@@ -151,8 +151,11 @@ def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff
             mask = accepted_ref[row, lanes] != 0
             tprev = times_ref[row, jnp.int32(0), lanes]
             tnext = times_ref[row, jnp.int32(1), lanes]
-            stored = [tuple(states_ref[row, jnp.int32(s * L + leaf), lanes] for leaf in range(L))
-                      for s in range(1 + TAPE_STAGES)]
+            if config.tape_state:
+                stored = [tuple(states_ref[row, jnp.int32(s * L + leaf), lanes] for leaf in range(L))
+                          for s in range(1 + TAPE_STAGES)]
+            else:  # the field's VJP does not read the stage inputs built from these
+                stored = [zeros] * (1 + TAPE_STAGES)
             top, y0_bar_saves, k_bars = inject(n, tprev, tnext, top)
             y0_bar, f0_bar, step_args_bar = _step.tsit5_step_vjp(
                 field_vjp, tprev, tnext, stored[0], tuple(stored[1:]), k.direction * (tnext - tprev),

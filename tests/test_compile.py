@@ -27,9 +27,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # float64, adaptive steps, a [8] state with broadcasting, sines and a reduction in the field;
-# the MLP: its weight matrices are blocks (3-d products and reductions in the Triton IR).
+# the MLP: its weight matrices are blocks (3-d products and reductions in the Triton IR); the
+# seed: linear, so its ring holds no state (fusedrk/_liveness.py).
 CI_CATALOGUE = [compile_check.CatalogueVariant("kuramoto-8", "float64", True),
-                compile_check.CatalogueVariant("neural-ode-mlp", "float32", False)]
+                compile_check.CatalogueVariant("neural-ode-mlp", "float32", False),
+                compile_check.CatalogueVariant("seed", "float32", False)]
 
 
 @pytest.mark.parametrize("variant", compile_check.VARIANTS + CI_CATALOGUE, ids=lambda v: v.name)

@@ -175,12 +175,14 @@ def test_auto_chooses_jax_without_a_gpu():
     np.testing.assert_array_equal(sol.ys, ref.ys)
 
 
+@pytest.mark.parametrize("tape_state", [True, False], ids=["state", "no-state"])
 @pytest.mark.parametrize("adaptive", [False, True], ids=["fixed", "adaptive"])
 @pytest.mark.parametrize("B", [7, 129])
-def test_tape_bytes_is_what_each_backend_allocates(B, adaptive):
+def test_tape_bytes_is_what_each_backend_allocates(B, adaptive, tape_state):
     p = problems.LORENZ
     y0, rho = p.make(B, jnp.float32)
-    config = _reference.Config(adaptive=adaptive, save_ts=False, rows=10, tape_rows=4)  # 3 segments
+    config = _reference.Config(adaptive=adaptive, save_ts=False, rows=10, tape_rows=4,  # 3 segments
+                               tape_state=tape_state)
     one = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
     times = _reference.Times(direction=jnp.asarray(1), t_start=one(0.0), t_end=one(1.0), dt0=one(0.1),
                              ts=jnp.zeros((1,), jnp.float32), rtol=one(1e-6), atol=one(1e-6))
@@ -196,7 +198,8 @@ def test_tape_bytes_is_what_each_backend_allocates(B, adaptive):
     reference = jax.eval_shape(lambda y: _reference.forward(config, batched, times, y, with_tape=True), y0)
     for backend, fwd in (("pallas", kernel), ("jax", reference)):
         allocated = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(fwd.tape))
-        assert fusedrk._solve.tape_bytes(4, y0, 4, backend=backend, adaptive=adaptive, segments=3) == allocated, backend
+        assert fusedrk._solve.tape_bytes(4, y0, 4, backend=backend, adaptive=adaptive, segments=3,
+                                         tape_state=tape_state) == allocated, backend
 
 
 def test_step_algebra_is_shared_not_copied():

@@ -1,0 +1,54 @@
+"""What the field's VJP reads, decided once per solve from its jaxpr.
+
+Owns: ``vjp_reads_state``, the one rule by which a backend leaves the state out of the tape.
+The reverse sweep rebuilds each stage's input from the stored start state and increments and
+hands it to the field's VJP; a field linear in the state (with no differentiable argument
+multiplying it) has a VJP that never looks at that input, so storing the state and the six
+increments per step is pure memory traffic (the seed: all of its tape).
+
+Must not: know about loops, tapes or kernels; it answers one question about a function.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.extend import core as jex_core
+
+
+def vjp_reads_state(lane_fn, y_spec: tuple, diff_spec: list, nondiff_spec: list, t_spec) -> bool:
+    """Whether ``lane_fn(t, y_leaves, diff, nondiff)``'s VJP with respect to (y, diff) uses
+    the state y: its value, not only its shape. Conservative: a call or control-flow
+    primitive whose outputs are used counts as reading all of its inputs, and a field whose
+    VJP cannot be traced (a forward-only solve of a field with a host callback, say) reads
+    it: the gradient, if ever taken, reports the real error."""
+
+    def pullback(t, y, diff, nondiff, f_bar):
+        _, pull = jax.vjp(lambda y_, d_: lane_fn(t, y_, d_, nondiff), y, diff)
+        return pull(f_bar)
+
+    try:
+        closed = jax.make_jaxpr(pullback)(t_spec, tuple(y_spec), list(diff_spec), list(nondiff_spec),
+                                          tuple(y_spec))
+    except Exception:  # noqa: BLE001 - see the docstring
+        return True
+    jaxpr = closed.jaxpr
+    y_vars = jaxpr.invars[1: 1 + len(y_spec)]  # the invars flatten (t, y, diff, nondiff, f_bar)
+    return any(v in _live_inputs(jaxpr) for v in y_vars)
+
+
+def _live_inputs(jaxpr) -> set:
+    """Variables some output of ``jaxpr`` depends on (dead equations dropped)."""
+    live = {v for v in jaxpr.outvars if not isinstance(v, jex_core.Literal)}
+    for eqn in reversed(jaxpr.eqns):
+        if any(v in live for v in eqn.outvars):
+            live.update(v for v in eqn.invars if not isinstance(v, jex_core.Literal))
+    return live
+
+
+def field_reads_state(vector_field, y_lane, args=None) -> bool:
+    """``vjp_reads_state`` for a field ``vector_field(t, y, args)`` of one lane whose arguments
+    are constants (not differentiated): y_lane is a ShapeDtypeStruct (or array) of one lane's
+    state. For the benchmarks' tape accounting."""
+    spec = jax.ShapeDtypeStruct(y_lane.shape, y_lane.dtype)
+    return vjp_reads_state(lambda t, y, d, n: (vector_field(t, y[0], args),), [spec], [], [],
+                           jax.ShapeDtypeStruct((), y_lane.dtype))
