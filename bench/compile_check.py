@@ -154,12 +154,6 @@ GROUPS = {"solves": VARIANTS, "catalogue": CATALOGUE_VARIANTS, "components": COM
           "sizes": SIZE_VARIANTS}
 
 
-def lorenz_tuple_field(t, y, p):
-    """``problems.lorenz_vector_field`` with the state as three scalar leaves."""
-    x, u, z = y
-    return (p["s"] * (u - x), x * (p["r"] - z) - u, x * u - p["b"] * z)
-
-
 def chain_field(t, y, k):
     """N species in a ring, each eaten by the next: O(N) work, N live components per value."""
     return y * (k - jnp.roll(y, 1))
@@ -200,7 +194,7 @@ def catalogue_problem(v: CatalogueVariant):
         case = problems.Case(p.field, jnp.asarray(np.linspace(0.5, 1.5, v.B), dtype), None, None, 0.1, 1.0)
     elif v.field == "lorenz-tuple":
         vec = problems.catalogue(v.B, dtype)["lorenz-vector"]
-        case = vec._replace(field=lorenz_tuple_field, y0=tuple(vec.y0[:, j] for j in range(3)))
+        case = vec._replace(field=problems.lorenz_tuple_field, y0=tuple(vec.y0[:, j] for j in range(3)))
     else:
         case = problems.catalogue(v.B, dtype)[v.field]
     kw = dict(dt0=case.dt0, max_steps=64, throw=False, ts=np.linspace(0.0, case.t1, 3).astype(dtype))

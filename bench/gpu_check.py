@@ -324,6 +324,37 @@ def target_lorenz_grad(run: Run) -> None:
                status=_verdict(run, t.median_s * 1e3, 8.0, grad_err <= tol))
 
 
+def target_lorenz_vector(run: Run) -> None:
+    """Lorenz written with a [B, 3] state (y[0], jnp.stack) against three scalar leaves, the
+    same arguments and solve: the kernels make one program of both (bench/README.md, equal
+    instruction counts), so the vector form must run within 10% of the tuple form's time."""
+    B = run.size.lorenz_lanes
+    p = problems.LORENZ
+    (x, u, z), rho = p.make(B, jnp.float32)
+    args = {"s": jnp.float32(10.0), "r": rho, "b": jnp.float32(8.0 / 3.0)}
+    axes = {"s": None, "r": 0, "b": None}
+    steps = run.size.lorenz_steps
+
+    def grad_of(field, y0):
+        def loss(y, a):
+            sol = run.solve(field, y, 0.0, p.dt0 * steps, args=a, args_axes=axes, dt0=p.dt0, max_steps=steps + 1,
+                            backend="pallas")
+            ys = sol.ys if isinstance(sol.ys, tuple) else tuple(sol.ys[..., j] for j in range(3))
+            return _weighted_loss(ys)  # the same weights for both forms
+
+        return _time(run, jax.jit(jax.grad(loss, argnums=(0, 1))), y0, args)
+
+    vector = grad_of(problems.lorenz_vector_field, jnp.stack([x, u, z], axis=1))
+    tuple_ = grad_of(problems.lorenz_tuple_field, (x, u, z))
+    # The same program: the gradients agree (columns of the [B, 3] cotangent = the leaves').
+    grad_err = rel_err((tuple(vector.out[0][:, j] for j in range(3)), vector.out[1]), tuple_.out)
+    ratio = vector.median_s / tuple_.median_s
+    run.record(part="target", name="lorenz-vector", what=f"{B} lanes x {steps} fixed steps, [B, 3] state / 3 leaves",
+               ms=vector.median_s * 1e3, tuple_ms=tuple_.median_s * 1e3, ratio=ratio, limit_ratio=1.1,
+               compile_s=vector.compile_s, grad_rel_err=grad_err,
+               status=_verdict(run, ratio, 1.1, grad_err <= rounding_tol(jnp.float32, steps)))
+
+
 def target_lorenz_forward(run: Run) -> None:
     B = run.size.forward_lanes
     checked = min(B, 65536)
@@ -492,6 +523,7 @@ def parts(run: Run) -> list:
     out += [("target seed", functools.partial(target_seed, run, "seed")),
             ("target seed-nl", functools.partial(target_seed, run, "seed-nl")),
             ("target lorenz-grad", functools.partial(target_lorenz_grad, run)),
+            ("target lorenz-vector", functools.partial(target_lorenz_vector, run)),
             ("target lorenz-forward", functools.partial(target_lorenz_forward, run)),
             ("target tape-traffic", functools.partial(target_tape_traffic, run)),
             ("target lorenz-adaptive-f64", functools.partial(target_lorenz_adaptive_f64, run)),

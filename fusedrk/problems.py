@@ -164,6 +164,13 @@ def lorenz_vector_field(t, y, p):  # the state as a [3] vector (LORENZ above: th
     return jnp.stack([p["s"] * (u - x), x * (p["r"] - z) - u, x * u - p["b"] * z])
 
 
+def lorenz_tuple_field(t, y, p):
+    """``lorenz_vector_field`` with the state as three scalar leaves: the kernels must make the
+    same program of both (bench/compile_check.py, bench/gpu_check.py)."""
+    x, u, z = y
+    return (p["s"] * (u - x), x * (p["r"] - z) - u, x * u - p["b"] * z)
+
+
 def oscillator_field(t, y, p):  # p = [omega, zeta] per lane
     return jnp.array([y[1], -p[0] ** 2 * y[0] - 2 * p[1] * p[0] * y[1]])
 

@@ -95,10 +95,12 @@ def test_gpu_check_quick_interpret_runs_every_part(tmp_path):
     for r in checks:
         assert r["status"] == "PASS" and r["ys_rel_err"] <= r["tol_ys"] and r["grad_rel_err"] <= r["tol_grad"], r
     targets = {r["name"]: r for r in rows if r["part"] == "target"}
-    assert set(targets) == {"seed", "seed-nl", "lorenz-grad", "lorenz-forward", "tape-traffic", "lorenz-adaptive-f64",
-                            "big-adaptive"}
+    assert set(targets) == {"seed", "seed-nl", "lorenz-grad", "lorenz-vector", "lorenz-forward", "tape-traffic",
+                            "lorenz-adaptive-f64", "big-adaptive"}
     assert all(r["status"] == "n/a (quick)" for r in targets.values()), targets
-    assert {r["name"] for r in rows if r["part"] == "diffrax"} == set(targets) - {"tape-traffic", "big-adaptive"}
+    assert targets["lorenz-vector"]["grad_rel_err"] == 0.0  # one program for the [B, 3] and tuple forms
+    assert {r["name"] for r in rows if r["part"] == "diffrax"} == set(targets) - {"tape-traffic", "big-adaptive",
+                                                                                   "lorenz-vector"}
     log = (tmp_path / "log.txt").read_text()
     assert "-- target seed" in log and "| check | f64-fixed-ts | PASS |" in (tmp_path / "table.md").read_text()
 
