@@ -1,18 +1,30 @@
 """What the field's VJP reads, decided once per solve from its jaxpr.
 
-Owns: ``vjp_reads_state``, the one rule by which a backend leaves the state out of the tape.
+Owns: the field's pullback (``pullback``) and ``vjp_reads_state``, the one rule by which a backend leaves the state out of the tape.
 The reverse sweep rebuilds each stage's input from the stored start state and increments and
 hands it to the field's VJP; a field linear in the state (with no differentiable argument
 multiplying it) has a VJP that never looks at that input, so storing the state and the six
 increments per step is pure memory traffic (the seed: all of its tape).
 
-Must not: know about loops, tapes or kernels; it answers one question about a function.
+Must not: know about loops, tapes or kernels; it builds and inspects the field's pullback only.
 """
 
 from __future__ import annotations
 
 import jax
 from jax.extend import core as jex_core
+
+
+def pullback(lane_fn):
+    """``(t, y, diff, nondiff, f_bar) -> (y_bar, diff_bar)``: the VJP of the one-lane field
+    ``lane_fn(t, y_leaves, diff, nondiff)`` with respect to (y, diff). Traced here to decide the
+    tape, and by the kernels to evaluate on lane tiles."""
+
+    def pull(t, y, diff, nondiff, f_bar):
+        _, vjp = jax.vjp(lambda y_, d_: lane_fn(t, y_, d_, nondiff), y, diff)
+        return vjp(f_bar)
+
+    return pull
 
 
 def vjp_reads_state(lane_fn, y_spec: tuple, diff_spec: list, nondiff_spec: list, t_spec) -> bool:
@@ -22,12 +34,8 @@ def vjp_reads_state(lane_fn, y_spec: tuple, diff_spec: list, nondiff_spec: list,
     VJP cannot be traced (a forward-only solve of a field with a host callback, say) reads
     it: the gradient, if ever taken, reports the real error."""
 
-    def pullback(t, y, diff, nondiff, f_bar):
-        _, pull = jax.vjp(lambda y_, d_: lane_fn(t, y_, d_, nondiff), y, diff)
-        return pull(f_bar)
-
     try:
-        closed = jax.make_jaxpr(pullback)(t_spec, tuple(y_spec), list(diff_spec), list(nondiff_spec),
+        closed = jax.make_jaxpr(pullback(lane_fn))(t_spec, tuple(y_spec), list(diff_spec), list(nondiff_spec),
                                           tuple(y_spec))
     except Exception:  # noqa: BLE001 - see the docstring
         return True

@@ -17,6 +17,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fusedrk import _liveness
 from fusedrk._shard import repeat_last_lane
 
 from . import _grid
@@ -85,11 +86,7 @@ class TileProblem(NamedTuple):
         t_spec = jax.ShapeDtypeStruct((), tdtype)
         jaxpr = jax.make_jaxpr(self.field)(t_spec, y_spec, d_spec, n_spec)
 
-        def pullback(t, y, d, n, f_bar):
-            _, pull = jax.vjp(lambda y_, d_: self.field(t, y_, d_, n), y, d)
-            return pull(f_bar)
-
-        vjp_jaxpr = jax.make_jaxpr(pullback)(t_spec, y_spec, d_spec, n_spec, y_spec)
+        vjp_jaxpr = jax.make_jaxpr(_liveness.pullback(self.field))(t_spec, y_spec, d_spec, n_spec, y_spec)
         return TileField(jaxpr, vjp_jaxpr, tuple(s.shape for s in y_spec), tuple(s.shape for s in d_spec),
                          tuple(s.shape for s in n_spec), self.diff_axes, self.nondiff_axes)
 
@@ -166,17 +163,18 @@ class TileField(NamedTuple):
             loaded.append(group)
         return loaded[0], loaded[1]
 
-    def diff_cotangent_slots(self) -> list:
-        """How the reverse kernel returns each differentiable argument's cotangent, one slot per
-        component, or per leaf when loaded whole: ("lane", ()) a [B] array per lane; ("tile",
-        ()) per-tile partial sums [tiles] of a shared component; ("whole", shape) per-tile
-        partial sums [tiles, *shape] of a shared leaf loaded as one block."""
+    def diff_cotangent_slots(self, dtypes: list) -> list:
+        """How the reverse kernel returns each differentiable argument's cotangent (``dtypes``:
+        one per argument leaf), one (kind, shape, dtype) slot per component, or per leaf when
+        loaded whole: kind "lane", a [B] array per lane; "tile", per-tile partial sums [tiles]
+        of a shared component; "whole", per-tile partial sums [tiles, *shape] of a shared leaf
+        loaded as one block."""
         slots = []
-        for shape, axis in zip(self.diff_shapes, self.diff_axes):
+        for shape, axis, dtype in zip(self.diff_shapes, self.diff_axes, dtypes):
             if held_whole(shape, axis):
-                slots.append(("whole", shape))
+                slots.append(("whole", shape, dtype))
             else:
-                slots += [("lane" if axis == 0 else "tile", ())] * math.prod(shape)
+                slots += [("lane" if axis == 0 else "tile", (), dtype)] * math.prod(shape)
         return slots
 
     def join_diff_cotangents(self, per_slot: list, B: int) -> list:

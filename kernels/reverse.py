@@ -30,7 +30,7 @@ from fusedrk._reference import NONFINITE, TAPE_STAGES, Config, Times
 from fusedrk._tableau import NUM_STAGES
 
 from . import _triton
-from ._problem import TileProblem, held_whole, pad_lanes
+from ._problem import TileProblem, pad_lanes
 from .forward import KernelForward, Scalars, attempt, read_checkpoint, time_scalars, write_row
 
 
@@ -58,13 +58,11 @@ def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff
               *argsp, times.ts, *time_scalars(times, config, dtype)]
     # One cotangent output per differentiable component (or leaf held whole): [Bp] per lane,
     # [tiles, *shape] partial sums when shared (reduced outside).
-    slots = tiles.diff_cotangent_slots()
+    slots = tiles.diff_cotangent_slots([x.dtype for x in diff])
     n_diff = len(slots)
-    diff_dtypes = [x.dtype for x, a in zip(diff, problem.diff_axes)
-                   for _ in range(1 if held_whole(x.shape, a) else math.prod(x.shape[1:] if a == 0 else x.shape))]
     out_shape = [jax.ShapeDtypeStruct((Bp,), dtype) for _ in range(L)]
     out_shape += [jax.ShapeDtypeStruct((Bp,) if kind == "lane" else (num_tiles, *shape), d)
-                  for (kind, shape), d in zip(slots, diff_dtypes)]
+                  for kind, shape, d in slots]
     ring_outputs = range(len(out_shape), len(out_shape) + 3)
     out_shape += [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in fwd.tape.ring]
 
@@ -97,7 +95,7 @@ def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff
             y_bar = tuple(r[jnp.int32(0), lanes] for r in ys_bar_refs)
         # Per lane, shared components too: summed over the tile once, after the walk. A leaf
         # held whole arrives summed over the tile from each pull.
-        args_bar = [jnp.zeros(shape if kind == "whole" else (TB,), d) for (kind, shape), d in zip(slots, diff_dtypes)]
+        args_bar = [jnp.zeros(shape if kind == "whole" else (TB,), d) for kind, shape, d in slots]
 
         def inject(n, tprev, tnext, top):
             """Cotangents of outputs saved in iteration n (rows are shared by the tile).
@@ -184,7 +182,7 @@ def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff
             y_bar = lax.fori_loop(jnp.int32(0), _triton.count_if(k.t_start == k.t_end, T), add_row, y_bar)
         for r, g in zip(y_bar_refs, y_bar):
             r[lanes] = g
-        for r, g, (kind, _) in zip(args_bar_refs, args_bar, slots):
+        for r, g, (kind, _, _) in zip(args_bar_refs, args_bar, slots):
             if kind == "lane":
                 r[lanes] = g
             elif kind == "tile":
