@@ -1,6 +1,8 @@
 """What the field's VJP reads, decided once per solve from its jaxpr.
 
-Owns: the field's pullback (``pullback``) and ``vjp_reads_state``, the one rule by which a backend leaves the state out of the tape.
+Owns: the field's pullback (``pullback``); ``vjp_reads_state``, the one rule by which a
+backend leaves the state out of the tape; ``live_inputs``, the dependence rule beneath it,
+which AllSaveAdjoint also uses to leave write-only loop buffers out of its residuals.
 The reverse sweep rebuilds each stage's input from the stored start state and increments and
 hands it to the field's VJP; a field linear in the state (with no differentiable argument
 multiplying it) has a VJP that never looks at that input, so storing the state and the six
@@ -41,12 +43,13 @@ def vjp_reads_state(lane_fn, y_spec: tuple, diff_spec: list, nondiff_spec: list,
         return True
     jaxpr = closed.jaxpr
     y_vars = jaxpr.invars[1: 1 + len(y_spec)]  # the invars flatten (t, y, diff, nondiff, f_bar)
-    return any(v in _live_inputs(jaxpr) for v in y_vars)
+    return any(v in live_inputs(jaxpr) for v in y_vars)
 
 
-def _live_inputs(jaxpr) -> set:
-    """Variables some output of ``jaxpr`` depends on (dead equations dropped)."""
-    live = {v for v in jaxpr.outvars if not isinstance(v, jex_core.Literal)}
+def live_inputs(jaxpr, outvars=None) -> set:
+    """Variables some output of ``jaxpr`` (or some of ``outvars``, when given) depends on
+    (dead equations dropped)."""
+    live = {v for v in (jaxpr.outvars if outvars is None else outvars) if not isinstance(v, jex_core.Literal)}
     for eqn in reversed(jaxpr.eqns):
         if any(v in live for v in eqn.outvars):
             live.update(v for v in eqn.invars if not isinstance(v, jex_core.Literal))
