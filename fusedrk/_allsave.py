@@ -311,8 +311,32 @@ def all_save_while_loop(cond_fun, body_fun, init_val, *, max_steps: int, recorde
                 # pullback: zeros stand in for it (lanes here are unbatched: custom_vjp
                 # batches this rule).
                 floats = [jnp.zeros(m.shape, m.dtype) if x is None else x for x, m in zip(kept, moving0)]
-                _, pullback = jax.vjp(lambda f, k: run(f, k, arrays, other_consts, cond_consts)[0], floats, consts)
-                return pullback(floats_bar)
+
+                def pull_back(c):
+                    # Iteration j's carry, re-run from the inputs (quadratic in the iterations
+                    # of one step, which are zero or one but for a step past several save times;
+                    # no rows to fill, write and read), then its pullback.
+                    j, f_bar, k_bar = c
+
+                    def advance(i, carry):
+                        f, a = carry
+                        out_f, out_a = step(f, consts, a, other_consts)
+                        going = i < lane_n
+                        return ([_lane_select(going, new, old) for new, old in zip(out_f, f)],
+                                [_lane_select(going, new, old) for new, old in zip(out_a, a)])
+
+                    f_j, a_j = lax.fori_loop(jnp.int32(0), j, advance, (floats, list(arrays)))
+                    _, pullback = jax.vjp(lambda f, k: step(f, k, a_j, other_consts)[0], f_j, consts)
+                    step_f_bar, step_k_bar = pullback(f_bar)
+                    taken = j < lane_n
+                    f_bar = [_lane_select(taken, new, old) for new, old in zip(step_f_bar, f_bar)]
+                    k_bar = jax.tree_util.tree_map(lambda k, s: _lane_select(taken, k + s, k), k_bar, step_k_bar)
+                    return j - 1, f_bar, k_bar
+
+                k_bar = jax.tree_util.tree_map(jnp.zeros_like, consts)
+                last = eqxi.unvmap_max(lane_n) - 1
+                _, f_bar, k_bar = lax.while_loop(lambda c: c[0] >= 0, pull_back, (last, floats_bar, k_bar))
+                return f_bar, k_bar
 
             def untouched(_):  # no iteration ran: the loop was the identity
                 return floats_bar, jax.tree_util.tree_map(jnp.zeros_like, consts)
