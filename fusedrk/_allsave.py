@@ -140,11 +140,13 @@ def all_save_while_loop(cond_fun, body_fun, init_val, *, max_steps: int, recorde
     linearisation and replays none of them.
 
     With ``store_inputs`` the forward pass keeps only the loop's inputs (less the write-only
-    buffers: see ``_write_only``) and the backward pass runs the loop once more, storing every
-    iteration as above, before sweeping back. For the loop that saves at ``ts`` inside each
-    step: its body only interpolates (no field evaluation), it usually runs zero or one
-    iteration, and stored in full it would keep ``len(ts)`` rows in every outer step's
-    residuals (2 kB of the 2.3 kB a step of a 2-component solve saving 11 times stored)."""
+    buffers: see ``_write_only``) and the number of iterations, and the backward pass, from
+    the last iteration down, re-runs the body from the inputs up to that iteration and applies
+    its pullback: quadratic in the iterations, so only for loops of a few. For the loop that
+    saves at ``ts`` inside each step: its body only interpolates (no field evaluation), it
+    usually runs zero or one iteration, and stored in full it would keep ``len(ts)`` rows in
+    every outer step's residuals (2 kB of the 2.3 kB a step of a 2-component solve saving 11
+    times stored)."""
     init_val = _scalars_to_arrays(init_val)
     floats0, arrays0, meta = _split(init_val)
 
