@@ -312,7 +312,17 @@ def all_save_while_loop(cond_fun, body_fun, init_val, *, max_steps: int, recorde
                 # A write-only buffer's value reaches neither the loop's decisions nor any
                 # pullback: zeros stand in for it (lanes here are unbatched: custom_vjp
                 # batches this rule).
-                floats = [jnp.zeros(m.shape, m.dtype) if x is None else x for x, m in zip(kept, moving0)]
+                # They stay zeros at every iteration (nothing else reads them), so the re-run
+                # carries only the other floats and the integers, and the work that only feeds
+                # the buffers (the interpolation, the saved values) drops out of it.
+                zeros = [jnp.zeros(m.shape, m.dtype) for m in moving0]
+                live = [i for i, x in enumerate(kept) if x is not None]
+
+                def with_zeros(f_live):
+                    f = list(zeros)
+                    for i, x in zip(live, f_live):
+                        f[i] = x
+                    return f
 
                 def pull_back(c):
                     # Iteration j's carry, re-run from the inputs (quadratic in the iterations
@@ -322,12 +332,13 @@ def all_save_while_loop(cond_fun, body_fun, init_val, *, max_steps: int, recorde
 
                     def advance(i, carry):
                         f, a = carry
-                        out_f, out_a = step(f, consts, a, other_consts)
+                        out_f, out_a = step(with_zeros(f), consts, a, other_consts)
                         going = i < lane_n
-                        return ([_lane_select(going, new, old) for new, old in zip(out_f, f)],
+                        return ([_lane_select(going, out_f[k], old) for k, old in zip(live, f)],
                                 [_lane_select(going, new, old) for new, old in zip(out_a, a)])
 
-                    f_j, a_j = lax.fori_loop(jnp.int32(0), j, advance, (floats, list(arrays)))
+                    f_live, a_j = lax.fori_loop(jnp.int32(0), j, advance, ([kept[i] for i in live], list(arrays)))
+                    f_j = with_zeros(f_live)
                     _, pullback = jax.vjp(lambda f, k: step(f, k, a_j, other_consts)[0], f_j, consts)
                     step_f_bar, step_k_bar = pullback(f_bar)
                     taken = j < lane_n
