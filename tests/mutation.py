@@ -117,6 +117,11 @@ MUTANTS = [
     Mutant("fusedrk/_allsave.py", "            return row - 1, f_bar, k_bar",
            "            return row - 2, f_bar, k_bar", ALLSAVE,
            "the backward pass skips every other step"),
+    Mutant("fusedrk/_allsave.py", "lax.cond(eqxi.unvmap_any(lane_n > 0), again, untouched, None)",
+           "lax.cond(eqxi.unvmap_any(lane_n > 1), again, untouched, None)", ALLSAVE,
+           "a step that saved once is treated as one that saved nothing"),
+    Mutant("fusedrk/_allsave.py", "        read = {i for i in candidates if jaxpr.invars[i] in live}",
+           "        read = set()", ALLSAVE, "a buffer the loop reads back is zeroed in the re-run"),
 ]
 
 
