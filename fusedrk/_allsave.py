@@ -208,14 +208,7 @@ def all_save_while_loop(cond_fun, body_fun, init_val, *, max_steps: int, recorde
         )
         return out_floats, out_arrays, pullback
 
-    res_shapes = jax.eval_shape(
-        lambda *x: jax.tree_util.tree_leaves(linearised(*x)[2]), moving0, float_consts, arrays0, other_consts
-    )
-    per_step = _residual_bytes(res_shapes)
-    if recorder is not None:
-        recorder.bytes_per_step = per_step
-    pack, unpack, row_shapes = _packer(res_shapes)
-    pullback_def = []
+    pullback_def = []  # the pullback's structure, set when the recording loop is traced
 
     def loop(floats, consts, arrays, other_consts, cond_consts, buffers):
         """The iterations; with ``buffers``, each also writes its linearisation's residuals
@@ -225,7 +218,7 @@ def all_save_while_loop(cond_fun, body_fun, init_val, *, max_steps: int, recorde
         goes on, with one shared counter n, and a lane that has stopped keeps its carry (its
         rows are written but never read): a per-lane trip test would make JAX's batching
         rule select between old and new copies of every buffer each iteration. The primal
-        (``run``) runs this same loop so that both batch their carries alike: when they did
+        (``plain``) runs this same loop so that both batch their carries alike: when they did
         not, grad(vmap(...)) with adaptive steps failed to trace."""
 
         def body(c):
@@ -251,70 +244,30 @@ def all_save_while_loop(cond_fun, body_fun, init_val, *, max_steps: int, recorde
         )
         return floats, arrays, lane_n, buffers
 
-    @jax.custom_vjp
-    def run(floats, consts, arrays, other_consts, cond_consts):
+    def plain(floats, consts, arrays, other_consts, cond_consts):
         floats, arrays, _, _ = loop(floats, consts, arrays, other_consts, cond_consts, None)
         return floats, arrays
 
-    def run_fwd(floats, consts, arrays, other_consts, cond_consts):
-        needed, available = per_step * max_steps, _device_memory_bytes()
-        if needed > available:
-            raise MemoryError(
-                f"AllSaveAdjoint needs {per_step} bytes per step x max_steps={max_steps} = "
-                f"{needed / 2**30:.2f} GiB of residuals, more than the device's {available / 2**30:.2f} "
-                "GiB; lower max_steps or use diffrax.RecursiveCheckpointAdjoint"
-            )
-        # Rows past the last iteration are never read: left unwritten, they cost no time.
-        buffers = _uninitialised.buffers([((max_steps,) + shape, dtype) for dtype, shape in row_shapes],
-                                         like=[*floats, *jax.tree_util.tree_leaves(consts)])
-        floats, arrays, lane_n, buffers = loop(floats, consts, arrays, other_consts, cond_consts, buffers)
-        return (floats, arrays), (lane_n, buffers, consts)
-
-    def run_bwd(residuals, cotangents):
-        lane_n, buffers, consts = residuals
-        floats_bar = cotangents[0]
-        (treedef,) = pullback_def
-
-        def loop_body(c):
-            row, f_bar, k_bar = c
-            pullback = jax.tree_util.tree_unflatten(treedef, unpack([b[row] for b in buffers]))
-            step_f_bar, step_k_bar = pullback(f_bar)
-            taken = row < lane_n  # rows past a lane's own last iteration are not its steps
-            f_bar = [_lane_select(taken, new, old) for new, old in zip(step_f_bar, f_bar)]
-            k_bar = jax.tree_util.tree_map(lambda k, s: _lane_select(taken, k + s, k), k_bar, step_k_bar)
-            return row - 1, f_bar, k_bar
-
-        k_bar = jax.tree_util.tree_map(jnp.zeros_like, consts)
-        last = eqxi.unvmap_max(lane_n) - 1
-        _, floats_bar, k_bar = lax.while_loop(lambda c: c[0] >= 0, loop_body, (last, list(floats_bar), k_bar))
-        return floats_bar, k_bar, None, None, None
-
-    run.defvjp(run_fwd, run_bwd)
-
     if store_inputs:
-        write_only = _write_only(step, cond, moving0, float_consts, arrays0, other_consts, cond_closed.consts)
-
-        @jax.custom_vjp
-        def run_again(floats, consts, arrays, other_consts, cond_consts):
-            floats, arrays, _, _ = loop(floats, consts, arrays, other_consts, cond_consts, None)
-            return floats, arrays
+        write_only = _write_only(step, moving0, float_consts, arrays0, other_consts)
+        run_again = jax.custom_vjp(plain)
 
         def run_again_fwd(floats, consts, arrays, other_consts, cond_consts):
             out_floats, out_arrays, lane_n, _ = loop(floats, consts, arrays, other_consts, cond_consts, None)
             kept = [None if i in write_only else x for i, x in enumerate(floats)]
-            return (out_floats, out_arrays), (lane_n, kept, consts, arrays, other_consts, cond_consts)
+            # Not the loop's decisions: iteration i ran in a lane iff i < lane_n.
+            return (out_floats, out_arrays), (lane_n, kept, consts, arrays, other_consts)
 
         def run_again_bwd(residuals, cotangents):
-            lane_n, kept, consts, arrays, other_consts, cond_consts = residuals
+            lane_n, kept, consts, arrays, other_consts = residuals
             floats_bar = list(cotangents[0])
 
             def again(_):
-                # A write-only buffer's value reaches neither the loop's decisions nor any
-                # pullback: zeros stand in for it (lanes here are unbatched: custom_vjp
-                # batches this rule).
-                # They stay zeros at every iteration (nothing else reads them), so the re-run
-                # carries only the other floats and the integers, and the work that only feeds
-                # the buffers (the interpolation, the saved values) drops out of it.
+                # A write-only buffer's value reaches no pullback and no other output: zeros
+                # stand in for it at every iteration, so the re-run carries only the other
+                # floats and the integers, and the work that only feeds the buffers (the
+                # interpolation, the saved values) drops out of it. (Lanes here are unbatched:
+                # custom_vjp batches this rule.)
                 zeros = [jnp.zeros(m.shape, m.dtype) for m in moving0]
                 live = [i for i, x in enumerate(kept) if x is not None]
 
@@ -362,25 +315,71 @@ def all_save_while_loop(cond_fun, body_fun, init_val, *, max_steps: int, recorde
         run_again.defvjp(run_again_fwd, run_again_bwd)
         moving, arrays = run_again(moving0, float_consts, arrays0, other_consts, cond_closed.consts)
         return _merge(all_floats(moving, float_consts), arrays, meta)
+
+    res_shapes = jax.eval_shape(
+        lambda *x: jax.tree_util.tree_leaves(linearised(*x)[2]), moving0, float_consts, arrays0, other_consts
+    )
+    per_step = _residual_bytes(res_shapes)
+    if recorder is not None:
+        recorder.bytes_per_step = per_step
+    pack, unpack, row_shapes = _packer(res_shapes)
+    run = jax.custom_vjp(plain)
+
+    def run_fwd(floats, consts, arrays, other_consts, cond_consts):
+        needed, available = per_step * max_steps, _device_memory_bytes()
+        if needed > available:
+            raise MemoryError(
+                f"AllSaveAdjoint needs {per_step} bytes per step x max_steps={max_steps} = "
+                f"{needed / 2**30:.2f} GiB of residuals, more than the device's {available / 2**30:.2f} "
+                "GiB; lower max_steps or use diffrax.RecursiveCheckpointAdjoint"
+            )
+        # Rows past the last iteration are never read: left unwritten, they cost no time.
+        buffers = _uninitialised.buffers([((max_steps,) + shape, dtype) for dtype, shape in row_shapes],
+                                         like=[*floats, *jax.tree_util.tree_leaves(consts)])
+        floats, arrays, lane_n, buffers = loop(floats, consts, arrays, other_consts, cond_consts, buffers)
+        return (floats, arrays), (lane_n, buffers, consts)
+
+    def run_bwd(residuals, cotangents):
+        lane_n, buffers, consts = residuals
+        floats_bar = cotangents[0]
+        (treedef,) = pullback_def
+
+        def loop_body(c):
+            row, f_bar, k_bar = c
+            pullback = jax.tree_util.tree_unflatten(treedef, unpack([b[row] for b in buffers]))
+            step_f_bar, step_k_bar = pullback(f_bar)
+            taken = row < lane_n  # rows past a lane's own last iteration are not its steps
+            f_bar = [_lane_select(taken, new, old) for new, old in zip(step_f_bar, f_bar)]
+            k_bar = jax.tree_util.tree_map(lambda k, s: _lane_select(taken, k + s, k), k_bar, step_k_bar)
+            return row - 1, f_bar, k_bar
+
+        k_bar = jax.tree_util.tree_map(jnp.zeros_like, consts)
+        last = eqxi.unvmap_max(lane_n) - 1
+        _, floats_bar, k_bar = lax.while_loop(lambda c: c[0] >= 0, loop_body, (last, list(floats_bar), k_bar))
+        return floats_bar, k_bar, None, None, None
+
+    run.defvjp(run_fwd, run_bwd)
+
     # JAX refuses forward mode (jax.jvp, jax.jacfwd) of a custom_vjp only after diffrax's jit
     # has traced this call, outside any code of ours, and its error points at the next line:
     moving, arrays = run(moving0, float_consts, arrays0, other_consts, cond_closed.consts)  # AllSaveAdjoint is reverse-mode only: for forward mode use diffrax.ForwardMode()  # noqa: E501
     return _merge(all_floats(moving, float_consts), arrays, meta)
 
 
-def _write_only(step, cond, moving, consts, arrays, other_consts, cond_consts) -> set:
+def _write_only(step, moving, consts, arrays, other_consts) -> set:
     """Indices of the carried floats whose values only ever flow into their own next value: no
-    other output of the loop body, no loop decision and no part of the body's pullback reads
-    them (diffrax's buffers of saved times and values, written row by row). Found as the
-    largest set closed under that rule, from the liveness of one body's jaxpr."""
+    other output of the loop body and no part of the body's pullback reads them (diffrax's
+    buffers of saved times and values, written row by row). Found as the largest set closed
+    under that rule, from the liveness of one body's jaxpr. (The loop's decisions may read
+    them: the re-run that zeroes them takes its decisions from the stored iteration count.)"""
 
-    def probe(moving, consts, arrays, other_consts, cond_consts, cotangent):
+    def probe(moving, consts, arrays, other_consts, cotangent):
         out, pullback, out_arrays = jax.vjp(lambda f, k: step(f, k, arrays, other_consts), moving, consts,
                                             has_aux=True)
-        return out, (out_arrays, pullback(cotangent), cond(0, moving, consts, arrays, cond_consts))
+        return out, (out_arrays, pullback(cotangent))
 
     cotangent = [jnp.zeros(jnp.shape(x), jnp.result_type(x)) for x in moving]
-    closed = jax.make_jaxpr(probe)(moving, consts, arrays, other_consts, cond_consts, cotangent)
+    closed = jax.make_jaxpr(probe)(moving, consts, arrays, other_consts, cotangent)
     jaxpr = closed.jaxpr
     n = len(moving)
     body_out, rest = jaxpr.outvars[:n], jaxpr.outvars[n:]

@@ -174,7 +174,7 @@ def test_a_loop_buffer_that_is_read_is_kept():
         np.testing.assert_allclose(jax.jit(jax.grad(lambda x: run(x, store_inputs)))(x), expected, rtol=1e-6)
 
 
-def test_write_only_finds_the_saved_buffers():
+def test_write_only_finds_the_saved_buffers(monkeypatch):
     # log is only ever written and acc only feeds its own next value (a running sum: its
     # pullback passes the cotangent through without reading it), so neither value is needed to
     # re-run the loop for its linearisation; buf is read back by the body.
@@ -193,12 +193,8 @@ def test_write_only_finds_the_saved_buffers():
         return i + 1, acc + new[i], new, log.at[i].set(2.0 * i)
 
     init = (jnp.int32(0), jnp.asarray(0.0), jnp.zeros(6), jnp.zeros(6))
-    original = _allsave._write_only
-    _allsave._write_only = spy
-    try:
-        _allsave.all_save_while_loop(lambda c: c[0] < 5, body, init, max_steps=6, store_inputs=True)
-    finally:
-        _allsave._write_only = original
+    monkeypatch.setattr(_allsave, "_write_only", spy)
+    _allsave.all_save_while_loop(lambda c: c[0] < 5, body, init, max_steps=6, store_inputs=True)
     assert seen["found"] == {0, 2}  # moving floats in order: acc, buf, log
 
 
