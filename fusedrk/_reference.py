@@ -65,9 +65,11 @@ class Tape(NamedTuple):
 
     y: tuple  # leaves [R, B, ...]: start state of each iteration (() without Config.tape_state)
     k: tuple  # leaves [R, TAPE_STAGES, B, ...] (() without Config.tape_state)
-    tprev: jax.Array  # [R, B] adaptive, [R] fixed steps (all lanes share times)
-    tnext: jax.Array
-    accepted: jax.Array  # [R, B] bool: an accepted step of a still-running lane
+    # Adaptive steps only (None for fixed steps, whose reverse pass computes an iteration's
+    # times with _step.fixed_interval and its accepted lanes from num_accepted: ``_fixed_row``).
+    tprev: Optional[jax.Array]  # [R, B]
+    tnext: Optional[jax.Array]
+    accepted: Optional[jax.Array]  # [R, B] bool: an accepted step of a still-running lane
     checkpoints: dict  # LOOP keys, each leaf with a leading axis of segments
 
 
@@ -80,6 +82,16 @@ class Forward(NamedTuple):
     num_iters: jax.Array  # scalar: iterations the loop ran
     tape: Optional[Tape]
     t_final: jax.Array  # [B]: internal time each lane reached
+
+
+class _FixedScalars(NamedTuple):
+    """What ``fixed_row`` reads (the kernels pass their own Scalars, which hold these names)."""
+
+    t_start: jax.Array
+    t_end: jax.Array
+    t_end_floor: jax.Array
+    dt0: jax.Array
+    num_fixed: jax.Array
 
 
 class _Limits(NamedTuple):
@@ -131,16 +143,32 @@ def _advance(c, step: _step.Attempt) -> dict:
 
 def _write_row(tape: Tape, row, c, step: _step.Attempt) -> Tape:
     """Store what the reverse sweep reads of one iteration in ring row ``row``."""
-    return tape._replace(
+    tape = tape._replace(
         y=tuple(buf.at[row].set(leaf) for buf, leaf in zip(tape.y, c["y"])),
         k=tuple(
             buf.at[row].set(jnp.stack([k[i] for k in step.ks[:TAPE_STAGES]]))
             for i, buf in enumerate(tape.k)
         ),
+    )
+    if tape.accepted is None:  # fixed steps: nothing else to store
+        return tape
+    return tape._replace(
         tprev=tape.tprev.at[row].set(c["tprev"]),
         tnext=tape.tnext.at[row].set(c["tnext"]),
         accepted=tape.accepted.at[row].set(step.accept),
     )
+
+
+def fixed_row(k, n, num_accepted):
+    """(tprev, tnext, accepted lanes) of fixed-step iteration ``n``, computed instead of
+    stored; ``k`` holds t_start, t_end, t_end_floor, dt0 and num_fixed (both backends' scalars).
+
+    All lanes share their times, and a lane accepts every iteration until the one where it
+    failed (counted as accepted) or the loop ends: iteration n was accepted by exactly the
+    lanes with ``n < num_accepted``. ``n >= 0`` too: under ``jax.vmap`` a batch element that
+    has run out of iterations sweeps with n < 0."""
+    tprev, tnext = _step.fixed_interval(n, k.num_fixed, k.t_start, k.t_end, k.t_end_floor, k.dt0)
+    return tprev, tnext, (n >= 0) & (n < num_accepted)
 
 
 def forward(config: Config, field, times: Times, y0: tuple, *, with_tape: bool) -> Forward:
@@ -183,12 +211,13 @@ def forward(config: Config, field, times: Times, y0: tuple, *, with_tape: bool) 
         segments = _schedule.num_segments(config.rows, R)
         spec = jax.ShapeDtypeStruct
         stored = y0 if config.tape_state else ()
+        adaptive = config.adaptive
         carry["tape"] = _uninitialised.like(Tape(
             y=tuple(spec((R,) + y.shape, y.dtype) for y in stored),
             k=tuple(spec((R, TAPE_STAGES) + y.shape, y.dtype) for y in stored),
-            tprev=spec((R,) + t_start.shape, tdtype),
-            tnext=spec((R,) + t_start.shape, tdtype),
-            accepted=spec((R, B), jnp.bool_),
+            tprev=spec((R, B), tdtype) if adaptive else None,
+            tnext=spec((R, B), tdtype) if adaptive else None,
+            accepted=spec((R, B), jnp.bool_) if adaptive else None,
             checkpoints=jax.tree_util.tree_map(
                 lambda x: spec((segments,) + jnp.shape(x), jnp.result_type(x)), {k: carry[k] for k in LOOP}
             ),
@@ -370,6 +399,8 @@ def backward(config: Config, field, field_vjp, times: Times, y0: tuple, fwd: For
         y_bar = tuple(g[:, 0] for g in ys_bar)
         pointer = jnp.full((B,), -1, jnp.int32)
     t_start = _lane_times(config, times.t_start, B)
+    fixed_scalars = None if config.adaptive else _FixedScalars(
+        times.t_start, times.t_end, limits.t_end_floor, times.dt0, limits.num_fixed_steps)
 
     def due_iteration(p):
         """The iteration that produced save p of each lane (-1 when p < 0: none is left)."""
@@ -425,8 +456,11 @@ def backward(config: Config, field, field_vjp, times: Times, y0: tuple, fwd: For
         def stage_vjp(t, y, f_bar):
             return _evaluate(field_vjp, (t, y, f_bar), in_loop)
 
-        mask = tape.accepted[row]
-        tprev, tnext = tape.tprev[row], tape.tnext[row]
+        if config.adaptive:
+            mask = tape.accepted[row]
+            tprev, tnext = tape.tprev[row], tape.tnext[row]
+        else:
+            tprev, tnext, mask = fixed_row(fixed_scalars, n, fwd.num_accepted)
         if config.tape_state:
             y_start = tuple(buf[row] for buf in tape.y)
             ks = tuple(tuple(buf[row, s] for buf in tape.k) for s in range(TAPE_STAGES))

@@ -501,13 +501,15 @@ def tape_bytes(rows: int, y_flat: tuple, time_itemsize: int, *, backend: str, ad
     """Bytes of the gradient tape ``backend`` stores for ``rows`` ring rows and ``segments``
     checkpoints.
 
-    A row holds, per lane, the start state and k_1..k_6, the step's two times and an accepted
-    flag; a checkpoint the state, the FSAL derivative, two times and a result code. The kernels
-    store whole lane tiles (B padded up to a multiple of the tile; counted here with the
-    largest tile, so a field with block values, whose tiles are smaller, may store a little
-    less), times for every lane and int32 flags. The jax backend stores B lanes and a bool flag; with fixed steps all lanes
-    share their times, so it keeps one pair per row or checkpoint. Without ``tape_state`` (the
-    field's VJP reads no state: fusedrk/_liveness.py) rows hold no state or increments.
+    A row holds, per lane, the start state and k_1..k_6, and with adaptive steps the step's two
+    times and an accepted flag (fixed steps compute both: ``_reference.fixed_row``); a
+    checkpoint the state, the FSAL derivative, a result code and two times (adaptive: per lane;
+    fixed: the jax backend keeps the shared pair, the kernels none). The kernels store whole
+    lane tiles (B padded up to a multiple of the tile; counted here with the largest tile, so a
+    field with block values, whose tiles are smaller, may store a little less), times for
+    every lane, int32 flags and one-row placeholders for what they do not store. The jax
+    backend stores B lanes and a bool flag. Without ``tape_state`` (the field's VJP reads no
+    state: fusedrk/_liveness.py) rows hold no state or increments.
     """
     B = y_flat[0].shape[0]
     state = sum(int(np.prod(y.shape[1:])) * y.dtype.itemsize for y in y_flat)
@@ -517,14 +519,19 @@ def tape_bytes(rows: int, y_flat: tuple, time_itemsize: int, *, backend: str, ad
         from fusedrk.kernels import _triton
 
         lanes = _triton.padded_batch(B)
-        row = lanes * (per_lane + 2 * time_itemsize + 4)
-        checkpoint = lanes * (2 * state + 2 * time_itemsize + 4)
+        times = 2 * time_itemsize if adaptive else 0
+        row = lanes * (per_lane + times + (4 if adaptive else 0))
+        checkpoint = lanes * (2 * state + times + 4)
         if not tape_state and rows:  # the states' [1, 1, lanes] placeholder
             extra = lanes * y_flat[0].dtype.itemsize
-    else:
-        times = 2 * time_itemsize * (B if adaptive else 1)
-        row = B * (per_lane + 1) + times
-        checkpoint = B * (2 * state + 4) + times
+        if not adaptive:  # [1, ...] placeholders: ring times and flags, checkpoint times
+            extra += lanes * ((2 * time_itemsize + 4 if rows else 0) + (2 * time_itemsize if segments else 0))
+    elif adaptive:
+        row = B * (per_lane + 1 + 2 * time_itemsize)
+        checkpoint = B * (2 * state + 4 + 2 * time_itemsize)
+    else:  # rows without times or flags (_reference.fixed_row); a checkpoint's times are shared
+        row = B * per_lane
+        checkpoint = B * (2 * state + 4) + 2 * time_itemsize
     return rows * row + segments * checkpoint + extra
 
 

@@ -197,10 +197,31 @@ def constant_next_end(steps_completed, num_steps, t_start, t_end):
 
 def clip_to_end(tprev, tnext, t_end, t_end_floor, keep):
     """diffrax _integrate.py ``_clip_to_end``: a step ending within 100 ULP of t_end ends on it
-    (after a rejection, half the remaining interval is tried instead)."""
+    (after a rejection, half the remaining interval is tried instead). ``keep=True`` (a Python
+    bool: fixed steps) leaves out the rejection's branch; a Pallas kernel cannot lower
+    operations on a constant predicate."""
     clip = tnext > t_end_floor
+    if keep is True:
+        return jnp.where(clip, t_end, tnext)
     tclip = jnp.where(keep, t_end, tprev + 0.5 * (t_end - tprev))
     return jnp.where(clip, tclip, tnext)
+
+
+def fixed_interval(n, num_steps, t_start, t_end, t_end_floor, dt0) -> tuple:
+    """(tprev, tnext) of fixed-step iteration ``n`` (int32, scalar or per lane), equal bit for
+    bit to what ``attempt_step`` carries there from (t_start, min(t_start + dt0, t_end)).
+
+    Iteration n - 1 (n >= 1) ends where the carry's tnext was, and puts the next end at
+    ``constant_next_end(n + 1)`` clipped to t_end within 100 ULP. So a reverse pass (or a
+    replay) needs no stored times for fixed steps: it computes them from the iteration."""
+    first_end = jnp.minimum(t_start + dt0, t_end)
+
+    def end_of(m):  # the tnext attempt_step sets in iteration m - 2 (a kept step: tprev unused)
+        return clip_to_end(None, constant_next_end(m, num_steps, t_start, t_end), t_end, t_end_floor, True)
+
+    tnext = jnp.where(n == 0, first_end, end_of(n + 1))
+    tprev = jnp.where(n == 0, t_start, jnp.minimum(jnp.where(n == 1, first_end, end_of(n)), t_end))
+    return tprev, tnext
 
 
 def end_clip_floor(t_end):
@@ -257,7 +278,7 @@ def attempt_step(field: Field, *, adaptive: bool, active, tprev, tnext, y, f, di
         error = scaled_error(y, y1, error_estimate(ks), rtol, atol)
         keep, next_t0, next_t1 = pid_next_interval(tprev, tnext, error)
     else:
-        keep = jnp.ones(jnp.shape(tprev), jnp.bool_)
+        keep = True  # every fixed step is kept
         next_t0 = tnext
         next_t1 = constant_next_end(steps_done + 2, num_fixed_steps, t_start, t_end)
     new_tprev = jnp.minimum(next_t0, t_end)
@@ -265,11 +286,11 @@ def attempt_step(field: Field, *, adaptive: bool, active, tprev, tnext, y, f, di
     if jnp.ndim(tprev):
         new_tprev = jnp.where(active, new_tprev, tprev)
         new_tnext = jnp.where(active, new_tnext, tnext)
-    accept = active & keep
+    accept = active & keep if adaptive else active
     return Attempt(
         ks=ks,
         accept=accept,
-        reject=active & ~keep,
+        reject=active & ~keep if adaptive else jnp.zeros_like(active),
         nonfinite=(accept & ~all_finite(y1)) | (active & ~jnp.isfinite(new_tnext)),
         tprev=new_tprev,
         tnext=new_tnext,

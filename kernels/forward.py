@@ -36,10 +36,12 @@ class KernelTape(NamedTuple):
     # [R, (1 + TAPE_STAGES) * L, Bp]: start state then k_1..k_6, per leaf; a [1, 1, Bp]
     # placeholder, never written or read, without Config.tape_state (the VJP reads no state).
     states: jax.Array
+    # Adaptive steps only; with fixed steps [1, 2, Bp] and [1, Bp] placeholders, never written
+    # or read (the reverse kernel computes times and accepted lanes: _reference.fixed_row).
     times: jax.Array  # [R, 2, Bp]: tprev, tnext
     accepted: jax.Array  # [R, Bp] int32
     checkpoint_states: jax.Array  # [segments, 2 * L, Bp]: state then FSAL derivative, per leaf
-    checkpoint_times: jax.Array  # [segments, 2, Bp]: tprev, tnext
+    checkpoint_times: jax.Array  # [segments, 2, Bp]: tprev, tnext ([1, 2, Bp] with fixed steps)
     checkpoint_result: jax.Array  # [segments, Bp] int32
 
     @property
@@ -113,6 +115,21 @@ def attempt(config: Config, field, k: Scalars, n, tprev, tnext, y, f, result) ->
     )
 
 
+def tape_shapes(config: Config, L: int, Bp: int, segments: int, dtype, tdtype) -> list:
+    """The ShapeDtypeStructs of a KernelTape's fields (``_solve.tape_bytes`` counts them)."""
+    R = config.tape_rows
+    adaptive = config.adaptive
+    spec = jax.ShapeDtypeStruct
+    return [
+        spec((R, (1 + TAPE_STAGES) * L, Bp) if config.tape_state else (1, 1, Bp), dtype),
+        spec((R if adaptive else 1, 2, Bp), tdtype),
+        spec((R if adaptive else 1, Bp), jnp.int32),
+        spec((segments, 2 * L, Bp), dtype),
+        spec((segments if adaptive else 1, 2, Bp), tdtype),
+        spec((segments, Bp), jnp.int32),
+    ]
+
+
 def write_row(config: Config, ring_refs, row, lanes, tprev, tnext, y, step: _step.Attempt) -> None:
     """Store what the reverse sweep reads of one iteration in ring row ``row``."""
     states_ref, times_ref, accepted_ref = ring_refs
@@ -121,26 +138,32 @@ def write_row(config: Config, ring_refs, row, lanes, tprev, tnext, y, step: _ste
         for s, state in enumerate((y,) + step.ks[:TAPE_STAGES]):
             for leaf_index, leaf in enumerate(state):
                 states_ref[row, jnp.int32(s * L + leaf_index), lanes] = leaf
-    times_ref[row, jnp.int32(0), lanes] = tprev
-    times_ref[row, jnp.int32(1), lanes] = tnext
-    accepted_ref[row, lanes] = step.accept.astype(jnp.int32)
+    if config.adaptive:
+        times_ref[row, jnp.int32(0), lanes] = tprev
+        times_ref[row, jnp.int32(1), lanes] = tnext
+        accepted_ref[row, lanes] = step.accept.astype(jnp.int32)
 
 
-def write_checkpoint(refs, segment, lanes, tprev, tnext, y, f, result) -> None:
+def write_checkpoint(config: Config, refs, segment, lanes, tprev, tnext, y, f, result) -> None:
     states_ref, times_ref, result_ref = refs
     for index, leaf in enumerate(y + f):
         states_ref[segment, jnp.int32(index), lanes] = leaf
-    times_ref[segment, jnp.int32(0), lanes] = tprev
-    times_ref[segment, jnp.int32(1), lanes] = tnext
+    if config.adaptive:
+        times_ref[segment, jnp.int32(0), lanes] = tprev
+        times_ref[segment, jnp.int32(1), lanes] = tnext
     result_ref[segment, lanes] = result
 
 
-def read_checkpoint(refs, segment, lanes, L):
-    """(tprev, tnext, y, f, result) stored at the start of ``segment``."""
+def read_checkpoint(config: Config, k: "Scalars", refs, segment, start, lanes, L):
+    """(tprev, tnext, y, f, result) stored at the start of ``segment`` (iteration ``start``);
+    fixed steps' shared times are computed."""
     states_ref, times_ref, result_ref = refs
     leaves = tuple(states_ref[segment, jnp.int32(index), lanes] for index in range(2 * L))
-    return (times_ref[segment, jnp.int32(0), lanes], times_ref[segment, jnp.int32(1), lanes],
-            leaves[:L], leaves[L:], result_ref[segment, lanes])
+    if config.adaptive:
+        tprev, tnext = times_ref[segment, jnp.int32(0), lanes], times_ref[segment, jnp.int32(1), lanes]
+    else:
+        tprev, tnext = _step.fixed_interval(start, k.num_fixed, k.t_start, k.t_end, k.t_end_floor, k.dt0)
+    return tprev, tnext, leaves[:L], leaves[L:], result_ref[segment, lanes]
 
 
 def forward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff: list, nondiff: list,
@@ -168,14 +191,7 @@ def forward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff:
     out_shape += [jax.ShapeDtypeStruct((num_tiles,), jnp.int32)]  # iterations per tile
     out_shape += [jax.ShapeDtypeStruct((Bp,), tdtype)]  # time each lane reached
     if with_tape:
-        out_shape += [
-            jax.ShapeDtypeStruct((R, (1 + TAPE_STAGES) * L, Bp) if config.tape_state else (1, 1, Bp), dtype),
-            jax.ShapeDtypeStruct((R, 2, Bp), tdtype),
-            jax.ShapeDtypeStruct((R, Bp), jnp.int32),
-            jax.ShapeDtypeStruct((segments, 2 * L, Bp), dtype),
-            jax.ShapeDtypeStruct((segments, 2, Bp), tdtype),
-            jax.ShapeDtypeStruct((segments, Bp), jnp.int32),
-        ]
+        out_shape += tape_shapes(config, L, Bp, segments, dtype, tdtype)
 
     def kernel(*refs):
         ins, outs = refs[: len(inputs)], refs[len(inputs):]
@@ -200,38 +216,47 @@ def forward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff:
             return _
 
         lax.fori_loop(0, T, init_row, 0)
-        tprev = jnp.full((TB,), k.t_start, tdtype)
+        # Fixed steps: every lane of the tile at the same times, kept as scalars (the loop's
+        # condition and the save schedule are then scalar too: no reduction over the tile).
+        tprev = jnp.full((TB,), k.t_start, tdtype) if config.adaptive else k.t_start
         tnext = jnp.minimum(tprev + k.dt0, k.t_end)
         zeros_i = jnp.zeros((TB,), jnp.int32)
-        carry = (tprev, tnext, y, field(tprev, y), zeros_i, zeros_i, zeros_i, zeros_i, jnp.int32(0))
+        carry = dict(tprev=tprev, tnext=tnext, y=y, f=field(tprev, y), acc=zeros_i, rej=zeros_i,
+                     result=zeros_i, save_index=zeros_i, first_unsaved=jnp.int32(0))
+        if not config.adaptive:  # shared times run on after a lane fails: its own stop time
+            carry["t_final"] = jnp.full((TB,), k.t_start, tdtype)
 
         def keep_going(c):
-            return _triton.any_lane(running(k, c[0], c[6]))
+            if not config.adaptive:
+                return c["tprev"] < k.t_end
+            return _triton.any_lane(running(k, c["tprev"], c["result"]))
 
         def step(c, n, row):
-            tprev, tnext, y, f, acc, rej, result, save_index, first_unsaved = c
-            attempted = attempt(config, field, k, n, tprev, tnext, y, f, result)
+            tprev, tnext, y = c["tprev"], c["tnext"], c["y"]
+            attempted = attempt(config, field, k, n, tprev, tnext, y, c["f"], c["result"])
+            out = dict(c, tprev=attempted.tprev, tnext=attempted.tnext, y=attempted.y, f=attempted.f,
+                       acc=c["acc"] + attempted.accept.astype(jnp.int32),
+                       rej=c["rej"] + attempted.reject.astype(jnp.int32),
+                       result=jnp.where(attempted.nonfinite, NONFINITE, c["result"]))
+            if not config.adaptive:
+                out["t_final"] = jnp.where(running(k, tprev, c["result"]), attempted.tprev, c["t_final"])
             if config.save_ts:
-                save_index, first_unsaved = _save_rows(
+                out["save_index"], out["first_unsaved"] = _save_rows(
                     ts_ref, ys_refs, save_iter_ref, lanes, T, n, attempted.accept, tprev, tnext, y,
-                    attempted.ks, save_index, first_unsaved,
+                    attempted.ks, c["save_index"], c["first_unsaved"],
                 )
             if with_tape:
                 write_row(config, ring_refs, row, lanes, tprev, tnext, y, attempted)
-            return (
-                attempted.tprev, attempted.tnext, attempted.y, attempted.f,
-                acc + attempted.accept.astype(jnp.int32), rej + attempted.reject.astype(jnp.int32),
-                jnp.where(attempted.nonfinite, NONFINITE, result), save_index, first_unsaved,
-            )
+            return out
 
         def checkpoint(c, segment):
-            tprev, tnext, y, f, _, _, result, _, _ = c
-            write_checkpoint(checkpoint_refs, segment, lanes, tprev, tnext, y, f, result)
+            write_checkpoint(config, checkpoint_refs, segment, lanes, c["tprev"], c["tnext"], c["y"], c["f"],
+                             c["result"])
             return c
 
         n, c = _schedule.forward_loop(carry, rows=config.rows, tape_rows=R, keep_going=keep_going,
                                       step=step, checkpoint=checkpoint if with_tape else None)
-        tprev, _, y_final, _, acc, rej, result, _, _ = c
+        tprev, y_final, acc, rej, result = c["tprev"], c["y"], c["acc"], c["rej"], c["result"]
         result = jnp.where(running(k, tprev, result), MAX_STEPS_REACHED, result)
         if config.save_ts:
             # t0 == t1: no iteration ran and every save time equals t0.
@@ -247,7 +272,7 @@ def forward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff:
         acc_ref[lanes] = acc
         rej_ref[lanes] = rej
         result_ref[lanes] = result
-        t_final_ref[lanes] = tprev
+        t_final_ref[lanes] = tprev if config.adaptive else c["t_final"]
         iters_ref[_triton.program_index()] = n
 
     out = _triton.call(kernel, inputs, out_shape, launch, num_tiles=num_tiles, interpret=interpret,
@@ -265,12 +290,16 @@ def _save_rows(ts_ref, ys_refs, save_iter_ref, lanes, T, n, accept, tprev, tnext
     Rows are shared by the tile: walk rows upwards from the lowest row some lane has not
     saved, while some accepting lane's step reaches that row's time (diffrax saves ts[j] in the
     first accepted step ending at or after it). Each lane writes only its own pending rows.
+    With fixed steps (scalar ``tnext``) every accepting lane saves the same rows: the walk's
+    condition is scalar, and it ends at the lowest row left to save.
     """
     last = T - 1
+    shared = jnp.ndim(tnext) == 0
 
     def cond(s):
         j, _ = s
-        return (j < T) & _triton.any_lane(accept & (ts_ref[jnp.minimum(j, last)] <= tnext))
+        reached = ts_ref[jnp.minimum(j, last)] <= tnext
+        return (j < T) & (reached if shared else _triton.any_lane(accept & reached))
 
     def body(s):
         j, index = s
@@ -282,5 +311,5 @@ def _save_rows(ts_ref, ys_refs, save_iter_ref, lanes, T, n, accept, tprev, tnext
         save_iter_ref[j, lanes] = jnp.where(mask, n, save_iter_ref[j, lanes])
         return j + 1, jnp.where(mask, j + 1, index)
 
-    _, save_index = lax.while_loop(cond, body, (first_unsaved, save_index))
-    return save_index, jnp.min(save_index)
+    stop, save_index = lax.while_loop(cond, body, (first_unsaved, save_index))
+    return save_index, stop if shared else jnp.min(save_index)

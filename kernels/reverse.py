@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from fusedrk import _schedule, _step
-from fusedrk._reference import NONFINITE, TAPE_STAGES, Config, Times
+from fusedrk._reference import NONFINITE, TAPE_STAGES, Config, Times, fixed_row
 from fusedrk._tableau import NUM_STAGES
 
 from . import _triton
@@ -53,9 +53,14 @@ def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff
     # Cotangents of the outputs, one [T, Bp] row block per state component, zero padded.
     ys_bar_rows = [jnp.pad(g.reshape(B, T, -1)[:, :, j].T, ((0, 0), (0, Bp - B)))
                    for g in ys_bar for j in range(math.prod(g.shape[2:]))]
+    # Fixed steps: the iteration that saved each row, shared by the lanes that saved it
+    # (NEVER_SAVED where none did), for a scalar save walk; and each lane's accepted steps,
+    # from which a row's accepted lanes follow (_reference.fixed_row; padded lanes: none).
+    save_at = jnp.min(fwd.save_iter, axis=1)
+    num_accepted = jnp.pad(fwd.num_accepted, (0, Bp - B))
     # The ring comes first: it is also an output (aliased), rewritten by each segment's replay.
-    inputs = [*fwd.tape.ring, *fwd.tape.checkpoints, fwd.save_iter, fwd.iterations, *ys_bar_rows, *y0p,
-              *argsp, times.ts, *time_scalars(times, config, dtype)]
+    inputs = [*fwd.tape.ring, *fwd.tape.checkpoints, fwd.save_iter, save_at, num_accepted, fwd.iterations,
+              *ys_bar_rows, *y0p, *argsp, times.ts, *time_scalars(times, config, dtype)]
     # One cotangent output per differentiable component (or leaf held whole): [Bp] per lane,
     # [tiles, *shape] partial sums when shared (reduced outside).
     slots = tiles.diff_cotangent_slots([x.dtype for x in diff])
@@ -69,7 +74,7 @@ def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff
     def kernel(*refs):
         ins, outs = refs[: len(inputs)], refs[len(inputs):]
         checkpoint_refs, rest = ins[3:6], ins[6:]
-        save_iter_ref, iters_ref, rest = rest[0], rest[1], rest[2:]
+        save_iter_ref, save_at_ref, num_accepted_ref, iters_ref, rest = rest[0], rest[1], rest[2], rest[3], rest[4:]
         ys_bar_refs, rest = rest[:L], rest[L:]
         y_refs, rest = rest[:L], rest[L:]
         arg_refs, rest = rest[: len(argsp)], rest[len(argsp):]
@@ -80,6 +85,7 @@ def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff
 
         lanes = _triton.lane_slice(launch)
         y_init = tuple(r[lanes] for r in y_refs)
+        num_accepted = None if config.adaptive else num_accepted_ref[lanes]
         d_args, n_args = tiles.load_args(arg_refs, lanes)
 
         def field(t, y):
@@ -102,18 +108,23 @@ def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff
 
             Per lane, save_iter grows with the row; rows saved later were injected already.
             Walk down from ``top`` while some lane's row was saved at or after n; remember the
-            highest row where some lane still waits, to start there next time.
+            highest row where some lane still waits, to start there next time. With fixed
+            steps the lanes share the iteration of each row (``save_at``): a scalar walk that
+            stops at the row to start from next time.
             """
 
             def cond(s):
-                j = s[0]
-                return (j >= 0) & _triton.any_lane(save_iter_ref[jnp.maximum(j, 0), lanes] >= n)
+                j = jnp.maximum(s[0], 0)
+                if not config.adaptive:
+                    return (s[0] >= 0) & (save_at_ref[j] >= n)
+                return (s[0] >= 0) & _triton.any_lane(save_iter_ref[j, lanes] >= n)
 
             def body(s):
                 j, next_top, y0_bar, k_bars = s
                 saved_at = save_iter_ref[j, lanes]
                 mask = saved_at == n
-                next_top = jnp.where((next_top < 0) & _triton.any_lane(saved_at < n), j, next_top)
+                if config.adaptive:
+                    next_top = jnp.where((next_top < 0) & _triton.any_lane(saved_at < n), j, next_top)
                 theta = _step.linear_rescale(tprev, ts_ref[j], tnext)
                 g = tuple(jnp.where(mask, r[j, lanes], 0) for r in ys_bar_refs)
                 y0_bar, k_bars = _step.interpolate_vjp(theta, g, y0_bar, k_bars)
@@ -131,7 +142,7 @@ def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff
             # are overwritten, and the next must see every row written (a lane's row may be
             # written and read by different threads when the tile replicates lanes).
             _triton.barrier(interpret)
-            tprev, tnext, y, f, result = read_checkpoint(checkpoint_refs, segment, lanes, L)
+            tprev, tnext, y, f, result = read_checkpoint(config, k, checkpoint_refs, segment, start, lanes, L)
 
             def one(i, loop):
                 tprev, tnext, y, f, result = loop
@@ -145,10 +156,17 @@ def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff
             return c
 
         def sweep(c, n, row):
-            y_bar, f_bar, args_bar, top = c
-            mask = accepted_ref[row, lanes] != 0
-            tprev = times_ref[row, jnp.int32(0), lanes]
-            tnext = times_ref[row, jnp.int32(1), lanes]
+            y_bar, f_bar, args_bar, top, t_above = c
+            if config.adaptive:
+                mask = accepted_ref[row, lanes] != 0
+                tprev = times_ref[row, jnp.int32(0), lanes]
+                tnext = times_ref[row, jnp.int32(1), lanes]
+            else:  # nothing stored: shared times and the lanes still accepting at n
+                # The walk visits n = N-1, N-2, ... in turn, and iteration n ends where n + 1
+                # starts (bit for bit: fixed_interval's tnext never exceeds t_end): carried,
+                # so each step computes one interval end, not two.
+                tprev, _, mask = fixed_row(k, n, num_accepted)
+                tnext, t_above = t_above, tprev
             if config.tape_state:
                 stored = [tuple(states_ref[row, jnp.int32(s * L + leaf), lanes] for leaf in range(L))
                           for s in range(1 + TAPE_STAGES)]
@@ -164,11 +182,14 @@ def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff
                 _step.lane_where(mask, f0_bar, f_bar),
                 [a + b for a, b in zip(args_bar, step_args_bar)],
                 top,
+                t_above,
             )
 
-        y_bar, f_bar, args_bar, _ = _schedule.reverse_loop(
-            iters_ref[_triton.program_index()], R, (y_bar, zeros, args_bar, jnp.int32(T - 1)),
-            replay=replay, sweep=sweep,
+        num_iters = iters_ref[_triton.program_index()]
+        t_last_end = (k.t_end if config.adaptive else
+                      fixed_row(k, num_iters - 1, num_accepted)[1])  # tnext of the last iteration
+        y_bar, f_bar, args_bar, _, _ = _schedule.reverse_loop(
+            num_iters, R, (y_bar, zeros, args_bar, jnp.int32(T - 1), t_last_end), replay=replay, sweep=sweep,
         )
         # The first step's FSAL stage: the field at the initial point.
         start_y_bar, start_args_bar = field_vjp(jnp.full((TB,), k.t_start), y_init, f_bar)

@@ -293,3 +293,37 @@ def test_a_forward_solve_of_a_field_without_a_vjp_still_runs():
 
     sol = fusedrk.solve(field, jnp.ones((2, 3)), 0.0, 0.5, dt0=0.1)
     np.testing.assert_allclose(sol.ys[:, 0], np.exp(-0.5), rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_fixed_step_times_computed_from_the_iteration_equal_the_carried_ones(x64, dtype):
+    """Fixed-step tapes store no times: the reverse pass and replays compute iteration n's
+    interval with _step.fixed_interval. It must equal, bit for bit, the interval the forward
+    loop carries to iteration n (attempt_step's chain), including the first step (dt0, not a
+    fraction) and the last ones (clipped to t_end within 100 ULP)."""
+    from fusedrk import _step
+
+    def mismatches(t0, t1, dt0):
+        t0, t1, dt0 = (jnp.asarray(x, dtype) for x in (t0, t1, dt0))
+        num, floor = _step.constant_num_steps(t0, t1, dt0), _step.end_clip_floor(t1)
+        active = jnp.ones((1,), bool)
+        f = lambda t, y: (jnp.zeros_like(y[0]),)  # noqa: E731
+
+        def body(c):
+            n, tprev, tnext, bad = c
+            fp, fn = _step.fixed_interval(n, num, t0, t1, floor, dt0)
+            step = _step.attempt_step(f, adaptive=False, active=active, tprev=tprev, tnext=tnext,
+                                      y=(jnp.zeros(1, dtype),), f=(jnp.zeros(1, dtype),), direction=1,
+                                      rtol=0, atol=0, t_start=t0, t_end=t1, t_end_floor=floor,
+                                      num_fixed_steps=num, steps_done=n)
+            bad = bad + ((fp != tprev) | (fn != tnext)).astype(jnp.int32)
+            return n + 1, step.tprev, step.tnext, bad
+
+        init = (jnp.int32(0), t0, jnp.minimum(t0 + dt0, t1), jnp.int32(0))
+        n, _, _, bad = jax.jit(lambda: jax.lax.while_loop(lambda c: c[1] < t1, body, init))()
+        return int(n), int(bad)
+
+    for t0, t1, dt0 in [(0.0, 1.0, 0.01), (0.0, 80.0, 0.1), (0.3, 1.7, 0.013), (0.0, 1.0, 0.3),
+                        (0.0, 1.0, 1 / 3), (0.0, 1.0, 0.001), (0.0, 1.0, 2.0)]:
+        n, bad = mismatches(t0, t1, dt0)
+        assert n >= 1 and bad == 0, (t0, t1, dt0, n, bad)
