@@ -106,7 +106,14 @@ def _batch(state: tuple) -> int:
 
 
 def _limits(config: Config, times: Times) -> _Limits:
-    fixed = None if config.adaptive else _step.constant_num_steps(times.t_start, times.t_end, times.dt0)
+    fixed = None
+    if not config.adaptive:
+        # Opaque to XLA: with times known at trace time the step count is a constant, and XLA
+        # turns a division by a constant into a product with its reciprocal, which rounds
+        # differently (0.5 * (3 / 5) = 0.3, but 3 * (0.5 / 5) = 0.30000000000000004). The
+        # forward's step ends (inside _isolated, where the count arrives as an operand) and the
+        # reverse pass's recomputed ones (_step.fixed_interval) must divide alike.
+        fixed = lax.optimization_barrier(_step.constant_num_steps(times.t_start, times.t_end, times.dt0))
     return _Limits(_step.end_clip_floor(times.t_end), fixed)
 
 
