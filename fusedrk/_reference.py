@@ -3,9 +3,9 @@
 Owns: looping and memory movement for the pure-JAX path. The forward loop advances every lane
 by one attempted step per iteration (each lane its own t, h, accept/reject and finished flag,
 exactly what ``jax.vmap(diffrax.diffeqsolve)`` computes) and, when a gradient will be taken,
-writes the start state, k_1..k_6, the step's interval and an accepted flag of every iteration
-into a ring of tape rows, with a checkpoint of the loop carry at the start of every segment
-(``_schedule.py``). The reverse loop walks the rows backwards, re-running an earlier segment
+writes the start state, k_1..k_6 and (adaptive steps) the step's interval and an accepted flag
+of every iteration into a ring of tape rows, with a checkpoint of the loop carry at the start
+of every segment (``_schedule.py``). The reverse loop walks the rows backwards, re-running an earlier segment
 from its checkpoint once when the ring did not hold the whole solve.
 
 Must not: contain step algebra (that is ``_step.py``), validate user input or know about

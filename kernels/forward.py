@@ -3,10 +3,11 @@
 Owns: looping and memory movement of the forward pass on a GPU. Each program loads its tile of
 lanes, runs ``fusedrk._step.attempt_step`` until every lane of the tile is done (or the row
 limit is reached), writes saved outputs row by row, and, when a gradient will be taken, writes
-every iteration's start state, k_1..k_6, interval and accepted flag to a ring of tape rows in
-HBM at ``ring[n mod R, s, tile]``, with a checkpoint of the loop carry at the start of every
-segment of R iterations (the schedule is ``fusedrk._schedule``). Without a gradient it
-allocates and writes no tape.
+every iteration's start state, k_1..k_6 and (adaptive steps only) interval and accepted flag
+to a ring of tape rows in HBM at ``ring[n mod R, s, tile]``, with a checkpoint of the loop
+carry at the start of every segment of R iterations (the schedule is ``fusedrk._schedule``).
+Without a gradient it allocates and writes no tape. Fixed steps keep the tile's times as
+scalars, so the loop's condition and the save walk need no reduction over the tile.
 
 Must not: contain step algebra (``fusedrk/_step.py``) or anything Triton-specific beyond the
 loads and stores (``_triton.py``).

@@ -5,7 +5,8 @@ tile's iterations n = N-1 .. 0 in ``fusedrk._schedule.reverse_loop``'s order (th
 from the ring; each earlier one after re-running it once from a checkpoint into the ring),
 injects the cotangents of outputs saved in iteration n, and calls
 ``fusedrk._step.tsit5_step_vjp`` on the stored start state and increments (masked to accepted
-steps). Outputs: cotangents of y0, of per-lane arguments ([B]) and per-tile partial
+steps; with fixed steps the interval and the accepted lanes are computed from n:
+``fusedrk._reference.fixed_row``). Outputs: cotangents of y0, of per-lane arguments ([B]) and per-tile partial
 sums of shared arguments' cotangents (accumulated per lane during the walk, summed over the
 tile once at its end, and over tiles outside).
 
