@@ -99,6 +99,7 @@ class Run:
 
     def __init__(self, opts):
         self.quick, self.interpret, self.budget_s = opts.quick, opts.interpret, opts.budget_s
+        self.checks = opts.checks
         self.size = QUICK if opts.quick else FULL
         self.start = time.perf_counter()
         self.out = opts.out
@@ -519,7 +520,8 @@ def _failed(run: Run, name: str) -> None:
 
 
 def parts(run: Run) -> list:
-    out = [(f"check {c.name}", functools.partial(check_case, run, c)) for c in correctness_cases(run.quick)]
+    out = [(f"check {c.name}", functools.partial(check_case, run, c)) for c in correctness_cases(run.quick)
+           if run.checks is None or c.name in run.checks]
     out += [("target seed", functools.partial(target_seed, run, "seed")),
             ("target seed-nl", functools.partial(target_seed, run, "seed-nl")),
             ("target lorenz-grad", functools.partial(target_lorenz_grad, run)),
@@ -574,7 +576,12 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=480.0, help="skip the parts left after this many seconds")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run); targets are not judged")
     parser.add_argument("--interpret", action="store_true", help="kernels in interpret mode (a CPU smoke run)")
+    parser.add_argument("--checks", nargs="*", metavar="NAME",
+                        help="run only these correctness checks (default: all of them; targets always run)")
     opts = parser.parse_args(argv)
+    names = {c.name for c in correctness_cases(opts.quick)}
+    if opts.checks is not None and not set(opts.checks) <= names:
+        parser.error(f"unknown checks {sorted(set(opts.checks) - names)}; known: {sorted(names)}")
     if not opts.interpret and jax.default_backend() != "gpu":
         parser.error(f"the default JAX device is {jax.default_backend()}: run on a GPU, or pass --interpret")
     run = Run(opts)

@@ -80,7 +80,9 @@ def test_values_and_gradients_do_not_depend_on_tape_rows(x64, case, backend):
     assert int(np.max(sol.stats["num_replayed_iterations"])) == 0  # the default fits this solve
     if case == "adaptive-ts-max-steps":
         assert np.sum(np.asarray(sol.result) == fusedrk.RESULTS.max_steps_reached) == 1
-    sizes = [1, 2, 7, N, N + 5]
+    # A segment per iteration, segments that do not divide N, and a ring that holds exactly
+    # the solve (the default above holds more than N: no replay either).
+    sizes = [1, 7, N]
     for R in sizes:
         v, s, g = _run(case, backend, tape_rows=R)
         np.testing.assert_array_equal(s.stats["num_steps"], sol.stats["num_steps"])
