@@ -69,6 +69,11 @@ _CALLS = ("pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_
 # here to count field evaluations in interpret mode.
 PASSTHROUGH = frozenset()
 
+# Sharding annotations: inside a kernel every value is its program's own, so they are the
+# identity. jax >= 0.11 writes ``reshard`` into a field traced under a mesh wherever a shared
+# value (the time) meets a lane's (seed-nl's 0.2 * t + y, compiled deviceless for an H100).
+_LAYOUT = ("reshard", "sharding_constraint", "mesh_cast")
+
 _LOOPS = ("while", "scan", "cond", "fori_loop", "switch")
 _RANDOM = ("random_bits", "random_seed", "random_wrap", "random_unwrap", "random_fold_in",
            "random_split", "threefry2x32")
@@ -200,6 +205,8 @@ def _source(eqn) -> str:
 
 def _eval_eqn(eqn, ins, where):
     name = eqn.primitive.name
+    if name in _LAYOUT:
+        return list(ins)
     if name in _LOOPS:
         raise Unsupported(f"`{name}`: loops and data-dependent control flow inside the field have no "
                           "static per-lane form (use jnp.where for branches)")

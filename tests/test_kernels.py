@@ -124,8 +124,19 @@ def _softplus_field(t, y, a):
     return (-jax.nn.softplus(a * y[0]) + jax.nn.sigmoid(t) * jax.nn.relu(y[0]),)
 
 
-@pytest.mark.parametrize("field", [_where_field, _clip_field, _softplus_field], ids=lambda f: f.__name__[1:-6])
-@pytest.mark.parametrize("adaptive", [False, True], ids=["fixed", "adaptive"])
+def _sharded_field(t, y, a):
+    # A sharding annotation, as jax >= 0.11 writes into a field traced under a mesh wherever
+    # the shared time meets a lane's value (reshard): the kernels take it as the identity.
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    mesh = jax.make_mesh((1,), ("lanes",), axis_types=(jax.sharding.AxisType.Auto,))
+    y = jax.lax.with_sharding_constraint(y[0], NamedSharding(mesh, PartitionSpec()))
+    return (-a * y + 0.1 * jnp.sin(0.2 * t + y),)
+
+
+@pytest.mark.parametrize("field, adaptive", [(f, a) for f in (_where_field, _clip_field, _softplus_field)
+                                             for a in (False, True)] + [(_sharded_field, False)],
+                         ids=lambda v: v.__name__[1:-6] if callable(v) else ("adaptive" if v else "fixed"))
 def test_fields_with_nested_jit_run_in_the_kernels(x64, field, adaptive):
     # jnp.where, jnp.clip and jax.nn's functions trace to a nested `jit` (and custom_jvp):
     # backend="pallas" takes them (it raises for a field the kernels refuse, which
