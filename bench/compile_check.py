@@ -120,7 +120,7 @@ VARIANTS = _variants()
 
 class CatalogueVariant(NamedTuple):
     """A field of ``fusedrk.problems.catalogue``, ``lorenz-tuple``, ``chain-N`` (N species),
-    ``mlp-H`` (H hidden units) or ``seed`` (linear: a tape without the state), solved from 0 to
+    ``mlp-H`` (H hidden units), ``seed`` (linear: a tape without the state) or ``seed-nl``, solved from 0 to
     the case's t1 with its dt0 and three save times."""
 
     field: str
@@ -141,7 +141,7 @@ CATALOGUE_VARIANTS = (
     [CatalogueVariant(name, "float32", False) for name in problems.CATALOGUE_NAMES]
     + [CatalogueVariant(name, "float64", True) for name in F64_ADAPTIVE]
     + [CatalogueVariant("lorenz-tuple", "float32", False), CatalogueVariant("lorenz-tuple", "float64", True)]
-    + [CatalogueVariant("seed", "float32", False)]
+    + [CatalogueVariant("seed", "float32", False), CatalogueVariant("seed-nl", "float32", False)]
 )
 COMPONENTS = (8, 16, 32, 64, 128)
 COMPONENT_VARIANTS = ([CatalogueVariant(f"chain-{n}", "float32", False) for n in COMPONENTS]
@@ -189,8 +189,8 @@ def catalogue_problem(v: CatalogueVariant):
         weights = problems.mlp_weights(rng, hidden, dtype)
         case = problems.Case(problems.neural_ode_field, jnp.asarray(rng.uniform(-1, 1, (v.B, 4)), dtype),
                              weights, None, 0.05, 0.3)
-    elif v.field == "seed":  # its VJP reads no state: the kernels' ring holds none
-        p = problems.PROBLEMS["seed"]
+    elif v.field in ("seed", "seed-nl"):  # seed: its VJP reads no state, so the ring holds none
+        p = problems.PROBLEMS[v.field]
         case = problems.Case(p.field, jnp.asarray(np.linspace(0.5, 1.5, v.B), dtype), None, None, 0.1, 1.0)
     elif v.field == "lorenz-tuple":
         vec = problems.catalogue(v.B, dtype)["lorenz-vector"]
