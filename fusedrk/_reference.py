@@ -5,8 +5,8 @@ by one attempted step per iteration (each lane its own t, h, accept/reject and f
 exactly what ``jax.vmap(diffrax.diffeqsolve)`` computes) and, when a gradient will be taken,
 writes the start state, k_1..k_6 and (adaptive steps) the step's interval and an accepted flag
 of every iteration into a ring of tape rows, with a checkpoint of the loop carry at the start
-of every segment (``_schedule.py``). The reverse loop walks the rows backwards, re-running an earlier segment
-from its checkpoint once when the ring did not hold the whole solve.
+of every segment (``_schedule.py``). The reverse loop walks the rows backwards, re-running an
+earlier segment from its checkpoint once when the ring did not hold the whole solve.
 
 Must not: contain step algebra (that is ``_step.py``), validate user input or know about
 pytrees of the user's state (that is ``_solve.py``). States here are tuples of [B, ...] leaves.
@@ -66,7 +66,7 @@ class Tape(NamedTuple):
     y: tuple  # leaves [R, B, ...]: start state of each iteration (() without Config.tape_state)
     k: tuple  # leaves [R, TAPE_STAGES, B, ...] (() without Config.tape_state)
     # Adaptive steps only (None for fixed steps, whose reverse pass computes an iteration's
-    # times with _step.fixed_interval and its accepted lanes from num_accepted: ``_fixed_row``).
+    # times with _step.fixed_interval and its accepted lanes from num_accepted: ``fixed_row``).
     tprev: Optional[jax.Array]  # [R, B]
     tnext: Optional[jax.Array]
     accepted: Optional[jax.Array]  # [R, B] bool: an accepted step of a still-running lane
