@@ -57,10 +57,11 @@ def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff
     # Fixed steps: the iteration that saved each row, shared by the lanes that saved it
     # (NEVER_SAVED where none did), for a scalar save walk; and each lane's accepted steps,
     # from which a row's accepted lanes follow (_reference.fixed_row; padded lanes: none).
-    save_at = jnp.min(fwd.save_iter, axis=1)
-    num_accepted = jnp.pad(fwd.num_accepted, (0, Bp - B))
+    # Adaptive solves read times and flags from the ring instead: they get neither.
+    fixed_inputs = [] if config.adaptive else [jnp.min(fwd.save_iter, axis=1),
+                                                jnp.pad(fwd.num_accepted, (0, Bp - B))]
     # The ring comes first: it is also an output (aliased), rewritten by each segment's replay.
-    inputs = [*fwd.tape.ring, *fwd.tape.checkpoints, fwd.save_iter, save_at, num_accepted, fwd.iterations,
+    inputs = [*fwd.tape.ring, *fwd.tape.checkpoints, fwd.save_iter, *fixed_inputs, fwd.iterations,
               *ys_bar_rows, *y0p, *argsp, times.ts, *time_scalars(times, config, dtype)]
     # One cotangent output per differentiable component (or leaf held whole): [Bp] per lane,
     # [tiles, *shape] partial sums when shared (reduced outside).
@@ -75,7 +76,10 @@ def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff
     def kernel(*refs):
         ins, outs = refs[: len(inputs)], refs[len(inputs):]
         checkpoint_refs, rest = ins[3:6], ins[6:]
-        save_iter_ref, save_at_ref, num_accepted_ref, iters_ref, rest = rest[0], rest[1], rest[2], rest[3], rest[4:]
+        save_iter_ref, rest = rest[0], rest[1:]
+        save_at_ref, num_accepted_ref = rest[:2] if fixed_inputs else (None, None)
+        rest = rest[len(fixed_inputs):]
+        iters_ref, rest = rest[0], rest[1:]
         ys_bar_refs, rest = rest[:L], rest[L:]
         y_refs, rest = rest[:L], rest[L:]
         arg_refs, rest = rest[: len(argsp)], rest[len(argsp):]
