@@ -63,3 +63,13 @@ def field_reads_state(vector_field, y_lane, args=None) -> bool:
     spec = jax.ShapeDtypeStruct(y_lane.shape, y_lane.dtype)
     return vjp_reads_state(lambda t, y, d, n: (vector_field(t, y[0], args),), [spec], [], [],
                            jax.ShapeDtypeStruct((), y_lane.dtype))
+
+
+def sub_jaxprs(params):
+    """The jaxprs nested in an equation's parameters (jit, custom_jvp, cond, while, ...)."""
+    for value in params.values():
+        for v in value if isinstance(value, (tuple, list)) else (value,):
+            if hasattr(v, "jaxpr") and hasattr(v, "consts"):  # ClosedJaxpr
+                yield v.jaxpr
+            elif hasattr(v, "eqns"):  # Jaxpr
+                yield v

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _schedule, _step, _uninitialised
+from . import _liveness, _schedule, _step, _uninitialised
 from ._tableau import NUM_STAGES
 
 # Result codes, shared with the public RESULTS in _solve.py. 1 is diffrax's max_steps_reached.
@@ -318,19 +318,9 @@ def _uses_costly_primitive(jaxpr) -> bool:
     for eqn in jaxpr.eqns:
         if eqn.primitive.name in _COSTLY and any(getattr(v.aval, "size", 1) > 1 for v in eqn.outvars):
             return True  # per lane (on a shared scalar time it costs nothing)
-        if any(_uses_costly_primitive(sub) for sub in _sub_jaxprs(eqn.params)):
+        if any(_uses_costly_primitive(sub) for sub in _liveness.sub_jaxprs(eqn.params)):
             return True
     return False
-
-
-def _sub_jaxprs(params):
-    """The jaxprs nested in an equation's parameters (jit, custom_jvp, cond, ...)."""
-    for value in params.values():
-        for v in value if isinstance(value, (tuple, list)) else (value,):
-            if hasattr(v, "jaxpr") and hasattr(v, "consts"):  # ClosedJaxpr
-                yield v.jaxpr
-            elif hasattr(v, "eqns"):  # Jaxpr
-                yield v
 
 
 def _evaluate(fn, args, always_true):

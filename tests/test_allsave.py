@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import fusedrk
-from fusedrk import _uninitialised
+from fusedrk import _allsave, _uninitialised
 from conftest import CountedField, assert_tree_close
 
 
@@ -343,3 +343,62 @@ def test_unrolled_stages_with_a_multi_term_and_its_gradient(x64):
     grad = jax.grad(lambda *a: loss(*a, fusedrk.AllSaveAdjoint())[0], argnums=(0, 1))(*_y0_args())
     expected = jax.grad(lambda *a: loss(*a, diffrax.DirectAdjoint())[0], argnums=(0, 1))(*_y0_args())
     assert_tree_close(grad, expected, rtol=1e-12)
+
+
+def _packed(y0, args, solver=diffrax.Dopri5(), **kwargs):
+    recorder = _allsave._Recorder()
+    jax.eval_shape(lambda y0, args: diffrax.diffeqsolve(
+        diffrax.ODETerm(field), solver, 0.0, 2.0, 0.05, y0, args, adjoint=fusedrk.AllSaveAdjoint(recorder=recorder),
+        max_steps=64, **kwargs), y0, args)
+    return recorder.packed
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the packed loop is for XLA:CPU")
+def test_a_small_step_runs_packed_and_a_large_one_does_not(x64):
+    # Packed (_allsave._packed_loop): every value of one step within 512 bytes, where XLA:CPU
+    # runs operations one after another, and so the carry. The 4-component state of `field`
+    # is, saved at t1 or at 5 times; 100 components are not (a stage is 800 bytes), nor is the
+    # carry once it holds the values saved at 11 times (2 x 176 bytes of them).
+    pid = diffrax.PIDController(rtol=1e-7, atol=1e-9)
+    y0, args = _y0_args()
+    assert _packed(y0, args, stepsize_controller=pid)
+    assert _packed(y0, args, stepsize_controller=pid, saveat=diffrax.SaveAt(ts=jnp.linspace(0.0, 2.0, 5)))
+    big = jax.tree_util.tree_map(lambda x: jnp.ones(50), y0)
+    assert not _packed(big, args, stepsize_controller=pid)
+    assert not _packed(y0, args, stepsize_controller=pid, saveat=diffrax.SaveAt(ts=jnp.linspace(0.0, 2.0, 11)))
+
+
+def test_jacrev_of_a_packed_solve(x64):
+    # jax.jacrev vmaps the backward pass over cotangents while the forward ran unvmapped
+    # (packed on CPU): the vmapped backward must read the packed rows.
+    def solve(y0, args, adjoint):
+        sol = diffrax.diffeqsolve(diffrax.ODETerm(field), diffrax.Dopri5(), 0.0, 2.0, 0.05, y0, args,
+                                  stepsize_controller=diffrax.PIDController(rtol=1e-7, atol=1e-9),
+                                  saveat=diffrax.SaveAt(ts=jnp.linspace(0.0, 2.0, 3)), adjoint=adjoint, max_steps=64)
+        return sol.ys
+
+    y0, args = _y0_args()
+    ours = jax.jit(jax.jacrev(solve, argnums=(0, 1)), static_argnums=2)(y0, args, fusedrk.AllSaveAdjoint())
+    ref = jax.jit(jax.jacrev(solve, argnums=(0, 1)), static_argnums=2)(y0, args, diffrax.DirectAdjoint())
+    assert_tree_close(ours, ref, rtol=1e-12)
+
+
+def test_bytes_round_trip_bit_for_bit(x64):
+    leaves = [jnp.asarray(True), jnp.asarray([True, False, True]), jnp.int8(-3), jnp.asarray([65535, 7], jnp.uint16),
+              jnp.int32(-7), jnp.asarray([[1.5, -np.inf], [np.nan, -0.0]], jnp.float32), jnp.float16(0.1),
+              jnp.arange(40.0), jnp.int64(-2**40), jnp.linspace(-1.0, 1.0, 70), jnp.asarray([3, 4, 5], jnp.int32)]
+    specs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
+    assert _allsave._Bytes.takes(specs)
+    assert not _allsave._Bytes.takes([jax.ShapeDtypeStruct((2,), jnp.complex64)])
+    packer = _allsave._Bytes(specs)
+    vector = packer.pack(leaves)
+    assert vector.dtype == jnp.uint8 and vector.shape == (sum(x.nbytes for x in leaves),)
+    pieces = packer.pieces(leaves)
+    assert len(pieces) > 2  # 1,046 bytes: several pieces, one of them a single 560-byte leaf
+    ends = np.cumsum([len(p) for p in pieces])
+    assert packer.spans == [(int(end - len(p)), len(p)) for end, p in zip(ends, pieces)] and ends[-1] == packer.size
+    assert all(len(p) <= 512 or len(group) == 1 for p, group in zip(pieces, packer.groups))
+    for back in (packer.unpack(vector), packer.from_pieces(pieces)):
+        for x, y in zip(leaves, back):
+            assert (x.shape, x.dtype) == (y.shape, y.dtype)
+            assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
