@@ -499,8 +499,8 @@ def all_save_while_loop(cond_fun, body_fun, init_val, *, max_steps: int, recorde
     pack, unpack, row_shapes = _packer(res_shapes)
     residual_bytes = _Bytes(res_shapes)
     # A small step: on XLA:CPU, every value of one linearised step, the carry and the
-    # cotangents fit in _SEQUENTIAL_BYTES (a few components, not vmapped: vmap batches the
-    # jaxpr traced here, and ``_on_its_own`` then computes the branch inline).
+    # cotangents fit in _SEQUENTIAL_BYTES (a few components). Decided on the unbatched trace;
+    # under jax.vmap the loops take the general path (see _unbatched_or_vmapped).
     carry_specs = [jax.ShapeDtypeStruct((), jnp.int32), *map(_spec, moving0), *map(_spec, arrays0)]
     bar_specs = [*map(_spec, moving0), *map(_spec, float_consts)]
     small = (
