@@ -35,7 +35,7 @@ from diffrax._solver.runge_kutta import AbstractERK, AbstractRungeKutta, Butcher
 from jax import lax
 from jax.interpreters import batching, mlir
 
-from . import _liveness, _uninitialised
+from . import _liveness, _reference, _uninitialised
 from ._solve import _device_memory_bytes
 
 
@@ -157,17 +157,15 @@ def _small_values(jaxpr) -> bool:
 
 
 def _on_its_own(fn, operand, always_true, lanes):
-    """``fn(operand)`` as a conditional's branch of its own when its values are all small
-    (``_small_values``): XLA:CPU then runs the branch's operations one after another, while the
-    loop body around it (a handful of operations, the buffer writes among them) is too short
+    """``fn(operand)`` as a conditional's branch of its own (``_reference._isolated``) when its
+    values are all small (``_small_values``): XLA:CPU then runs the branch's operations one
+    after another, while the loop body around it (a handful of operations, the buffer writes among them) is too short
     to be dispatched. ``always_true`` must be true and unknown to the compiler; ``lanes``, a
     boolean batched under ``jax.vmap``, makes the predicate batched there, so that the
     conditional becomes the branch computed inline (vmapped, the values are not small)."""
     if not _small_values(jax.make_jaxpr(fn)(operand).jaxpr):
         return fn(operand)
-    shapes = jax.eval_shape(fn, operand)
-    zeros = lambda _: jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)  # noqa: E731
-    return lax.cond(_lane_select(lanes, always_true, always_true), fn, zeros, operand)
+    return _reference._isolated(fn, operand, _lane_select(lanes, always_true, always_true))
 
 
 def _unbatched_or_vmapped(unbatched, batched):
@@ -211,7 +209,7 @@ class _Bytes:
     def takes(specs) -> bool:
         return all(jnp.dtype(s.dtype) == jnp.bool_
                    or (jnp.issubdtype(s.dtype, jnp.integer) or jnp.issubdtype(s.dtype, jnp.floating))
-                   and not jnp.issubdtype(s.dtype, jnp.complexfloating) and jnp.dtype(s.dtype).itemsize in (1, 2, 4, 8)
+                   and jnp.dtype(s.dtype).itemsize in (1, 2, 4, 8)
                    for s in specs)
 
     def _to(self, i, x):
@@ -506,8 +504,8 @@ def all_save_while_loop(cond_fun, body_fun, init_val, *, max_steps: int, recorde
     small = (
         jax.default_backend() == "cpu"
         and _Bytes.takes([*carry_specs, *res_shapes])
-        and _Bytes(carry_specs).size <= _SEQUENTIAL_BYTES
-        and _Bytes(bar_specs).size <= _SEQUENTIAL_BYTES
+        and _residual_bytes(carry_specs) <= _SEQUENTIAL_BYTES
+        and _residual_bytes(bar_specs) <= _SEQUENTIAL_BYTES
         and _small_values(jax.make_jaxpr(linearised)(moving0, float_consts, arrays0, other_consts).jaxpr)
         # the backward loop's body: a slice per piece of the row, the branch, the counter
         and len(residual_bytes.spans) <= 4
