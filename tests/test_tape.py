@@ -15,7 +15,7 @@ import pytest
 import fusedrk
 from fusedrk import _schedule, _solve, _uninitialised, kernels
 from fusedrk.kernels import _triton
-from conftest import F64_TOL, CountedField, assert_tree_close
+from conftest import F64_TOL, CountedField, assert_tree_close, float_tol
 
 
 def _field(t, y, args):
@@ -353,3 +353,91 @@ def test_a_fixed_step_gradient_is_the_same_whether_times_are_known_or_traced(x64
         known, traced = grad_of(t1)
         for a, b in zip(jax.tree_util.tree_leaves(known), jax.tree_util.tree_leaves(traced)):
             np.testing.assert_array_equal(a, b)
+
+
+def _blows_up(t, y, args):
+    return y * y  # y0 > 0 reaches inf in finite time: lanes fail at different iterations
+
+
+def _vdp(t, y, args):
+    return jnp.stack([y[1], (1 - y[0] ** 2) * y[1] - y[0]])
+
+
+_VDP_Y0 = jnp.stack([jnp.linspace(0.5, 2.0, 5), jnp.zeros(5)], axis=1)
+# name: (field, y0, t0, t1, solve keywords)
+LEAN_CASES = {
+    "t1": (_vdp, _VDP_Y0, 0.0, 3.0, dict(dt0=0.1)),
+    "ts": (_vdp, _VDP_Y0, 0.0, 3.0, dict(dt0=0.1, ts=[0.0, 0.05, 0.3, 0.31, 0.32, 1.7, 3.0])),
+    "ts-backwards": (_vdp, _VDP_Y0, 3.0, 0.0, dict(dt0=-0.07, ts=[3.0, 2.5, 1.0, 0.0])),
+    "blow-up-t1": (_blows_up, [0.1, 0.5, 1.0, 2.0, -1.0, np.nan], 0.0, 3.0, dict(dt0=0.01)),
+    "blow-up-ts": (_blows_up, [0.1, 0.5, 1.0, 2.0, -1.0, np.nan], 0.0, 3.0, dict(dt0=0.01, ts=np.linspace(0, 3, 7))),
+    "max-steps-t1": (_vdp, _VDP_Y0, 0.0, 3.0, dict(dt0=0.1, max_steps=7)),
+    "max-steps-ts": (_vdp, _VDP_Y0, 0.0, 3.0, dict(dt0=0.1, max_steps=7, ts=[0.2, 0.5, 2.0])),
+    "empty-t1": (_vdp, _VDP_Y0, 1.0, 1.0, dict(dt0=0.1)),
+    "empty-ts": (_vdp, _VDP_Y0, 1.0, 1.0, dict(dt0=0.1, ts=[1.0, 1.0])),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", sorted(LEAN_CASES))
+def test_the_lean_fixed_step_forward_equals_the_general_one(x64, monkeypatch, dtype, case):
+    """A fixed-step forward that stores nothing per iteration runs _reference._lean_forward:
+    times from the iteration, the FSAL derivative recomputed, failures noticed one iteration
+    late. Step counts, results, times and which lanes are finite must be exactly the general
+    loop's, the values equal to rounding, including lanes that become non-finite at different
+    iterations, a NaN initial state, runs out of steps, saves in the same step and none, and
+    t0 == t1. (Rounding, not bits: XLA:CPU contracts multiplies and adds into fused
+    multiply-adds within one fusion, and the lean step is one fusion where the general step is
+    several; float32 values differ in the last bit now and then.)"""
+    from fusedrk import _reference
+
+    field, y0, t0, t1, kw = LEAN_CASES[case]
+    y0 = jnp.asarray(y0, dtype)
+    kw = {k: (jnp.asarray(v, dtype) if k == "ts" else v) for k, v in kw.items()}
+    lean_calls = []
+    lean = _reference._lean_forward
+    monkeypatch.setattr(_reference, "_lean_forward", lambda *a, **k: lean_calls.append(1) or lean(*a, **k))
+
+    def solve():
+        return fusedrk.solve(field, y0, t0, t1, backend="jax", throw=False, **kw)
+
+    got = solve()
+    monkeypatch.setattr(_reference, "stores_rows", lambda config, with_tape: True)  # the general loop
+    jax.clear_caches()
+    want = solve()
+    assert lean_calls == [1]
+    np.testing.assert_array_equal(np.isfinite(got.ys), np.isfinite(want.ys))
+    steps = int(np.max(want.stats["num_steps"]))
+    assert_tree_close(got.ys, want.ys, float_tol(jnp.dtype(dtype), max(steps, 1)))
+    for a, b in zip(jax.tree_util.tree_leaves((got.ts, got.stats, got.result, got.t_final)),
+                    jax.tree_util.tree_leaves((want.ts, want.stats, want.result, want.t_final))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_gradient_whose_tape_is_empty_runs_the_lean_forward(x64, monkeypatch):
+    """The field's VJP reads no state, so a fixed-step gradient stores nothing per iteration
+    and its forward is the lean one; the gradient is bit for bit the general loop's."""
+    from fusedrk import _reference
+
+    def field(t, y, a):
+        return -0.3 * y + jnp.sin(t) * a
+
+    y0, a = jnp.linspace(0.5, 2.0, 6), jnp.linspace(1.0, 2.0, 6)
+    lean_calls = []
+    lean = _reference._lean_forward
+    monkeypatch.setattr(_reference, "_lean_forward", lambda *a_, **k: lean_calls.append(1) or lean(*a_, **k))
+
+    def grad(ts):
+        def loss(y0, a):
+            return jnp.sum(fusedrk.solve(field, y0, 0.0, 2.9, args=a, args_axes=0, dt0=0.1, ts=ts,
+                                         backend="jax").ys ** 2)
+        return jax.grad(loss, argnums=(0, 1))(y0, a)
+
+    for ts in (None, jnp.asarray([0.5, 1.0, 2.9])):
+        got = grad(ts)
+        with monkeypatch.context() as m:
+            m.setattr(_reference, "stores_rows", lambda config, with_tape: True)
+            want = grad(ts)
+        for x, y in zip(got, want):
+            np.testing.assert_array_equal(x, y)
+    assert len(lean_calls) == 2
