@@ -385,7 +385,7 @@ def _lean_forward(config: Config, field, times: Times, y0: tuple, *, with_tape: 
     num_accepted = jnp.where(failed, failed_at + 1, n)
     t_reached = interval(n)[0]
     running_at_end = t_reached < times.t_end
-    result = jnp.where(failed, NONFINITE, jnp.where(running_at_end, MAX_STEPS_REACHED, SUCCESSFUL))
+    result = jnp.where(failed, NONFINITE, jnp.where(running_at_end, MAX_STEPS_REACHED, SUCCESSFUL)).astype(jnp.int32)
     if config.save_ts:
         _, _, ys, save_iter = saves
         empty = times.t_start == times.t_end  # the loop never ran: every save is y0 (see forward)
@@ -567,12 +567,12 @@ def backward(config: Config, field, field_vjp, times: Times, y0: tuple, fwd: For
         _, tape = lax.fori_loop(jnp.int32(0), count, one, (loop, tape))
         return (tape,) + c[1:]
 
-    def sweep(c, n, row):
+    def sweep(c, n, row, isolated=True):
         tape, y_bar, f_bar, args_bar, pointer, due = c
         in_loop = n >= 0
 
         def stage_vjp(t, y, f_bar):
-            return _evaluate(field_vjp, (t, y, f_bar), in_loop)
+            return _evaluate(field_vjp, (t, y, f_bar), in_loop) if isolated else field_vjp(t, y, f_bar)
 
         if config.adaptive:
             mask = tape.accepted[row]
@@ -605,11 +605,38 @@ def backward(config: Config, field, field_vjp, times: Times, y0: tuple, fwd: For
 
         return (c[0],) + lax.cond(num_segments > 0, replays, lambda rest: rest, c[1:])
 
-    _, y_bar, f_bar, args_bar, _, _ = _schedule.reverse_loop(
-        fwd.num_iters, config.tape_rows, (fwd.tape, y_bar, zeros, args_bar, pointer, due_iteration(pointer)),
-        replay=replay, sweep=sweep, around_replays=around_replays,
-    )
-    # The first step's FSAL stage: the field at the initial point.
+    def lean_sweep(i, c):
+        # _lean_forward's gradient: no rows, no replays. Each iteration's FSAL cotangent is
+        # applied at once, to the field at the step's start (_lean_forward evaluates it there),
+        # so the iteration's only results are the cotangents of the state (and of the
+        # arguments): XLA fuses the step's whole VJP. An iteration that saved runs the isolated
+        # sweep (its saves' cotangents) in a conditional's branch.
+        n = fwd.num_iters - 1 - i
+
+        def run(c, isolated):
+            tape, y_bar, f_bar, args_bar, pointer, due = sweep(c, n, None, isolated)
+            tprev, _, _ = fixed_row(fixed_scalars, n, fwd.num_accepted)
+            pull = (lambda *a: _evaluate(field_vjp, a, n >= 0)) if isolated else field_vjp
+            f0_y_bar, f0_args_bar = pull(tprev, zeros, f_bar)  # the VJP reads no state: zeros
+            y_bar = tuple(a + b for a, b in zip(y_bar, f0_y_bar))
+            args_bar = jax.tree_util.tree_map(jnp.add, args_bar, f0_args_bar)
+            return tape, y_bar, zeros, args_bar, pointer, due
+
+        if not config.save_ts:
+            return run(c, False)
+        return lax.cond(saved_in[n], lambda c: run(c, True), lambda c: run(c, False), c)
+
+    carry = (fwd.tape, y_bar, zeros, args_bar, pointer, due_iteration(pointer))
+    if not config.adaptive and not stores_rows(config, True):
+        if config.save_ts:  # whether some lane saved in iteration n
+            saved = jnp.where(fwd.save_iter >= 0, fwd.save_iter, config.rows).ravel()  # -1: none
+            saved_in = jnp.zeros((config.rows,), bool).at[saved].set(True, mode="drop")
+        _, y_bar, f_bar, args_bar, _, _ = lax.fori_loop(jnp.int32(0), fwd.num_iters, lean_sweep, carry)
+    else:
+        _, y_bar, f_bar, args_bar, _, _ = _schedule.reverse_loop(
+            fwd.num_iters, config.tape_rows, carry, replay=replay, sweep=sweep, around_replays=around_replays,
+        )
+    # The first step's FSAL stage: the field at the initial point (zero after lean_sweep).
     start_y_bar, start_args_bar = field_vjp(t_start, y0, f_bar)
     y_bar = tuple(a + b for a, b in zip(y_bar, start_y_bar))
     args_bar = jax.tree_util.tree_map(jnp.add, args_bar, start_args_bar)

@@ -411,33 +411,47 @@ def test_the_lean_fixed_step_forward_equals_the_general_one(x64, monkeypatch, dt
     assert_tree_close(got.ys, want.ys, float_tol(jnp.dtype(dtype), max(steps, 1)))
     for a, b in zip(jax.tree_util.tree_leaves((got.ts, got.stats, got.result, got.t_final)),
                     jax.tree_util.tree_leaves((want.ts, want.stats, want.result, want.t_final))):
+        assert a.dtype == b.dtype
         np.testing.assert_array_equal(a, b)
 
 
-def test_a_gradient_whose_tape_is_empty_runs_the_lean_forward(x64, monkeypatch):
-    """The field's VJP reads no state, so a fixed-step gradient stores nothing per iteration
-    and its forward is the lean one; the gradient is bit for bit the general loop's."""
-    from fusedrk import _reference
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_gradient_whose_tape_is_empty_runs_lean_loops_equal_to_the_general_ones(x64, monkeypatch, dtype):
+    """The field's VJP reads no state, so a fixed-step gradient stores nothing per iteration:
+    its forward is _lean_forward and its reverse sweep the lean one (each FSAL cotangent
+    applied at once, no ring, no replays). Gradients with respect to y0 and to per-lane and
+    shared arguments must equal the general loops' to rounding, saving at t1 or at ts (two
+    saves in one step, a save at t0), forwards and backwards in time."""
+    from fusedrk import _reference, _schedule
 
     def field(t, y, a):
         return -0.3 * y + jnp.sin(t) * a
 
-    y0, a = jnp.linspace(0.5, 2.0, 6), jnp.linspace(1.0, 2.0, 6)
-    lean_calls = []
-    lean = _reference._lean_forward
-    monkeypatch.setattr(_reference, "_lean_forward", lambda *a_, **k: lean_calls.append(1) or lean(*a_, **k))
+    y0 = jnp.linspace(0.5, 2.0, 6, dtype=dtype)
+    calls = []
+    for name in ("_lean_forward",):
+        real = getattr(_reference, name)
+        monkeypatch.setattr(_reference, name, lambda *a_, _real=real, **k: calls.append(1) or _real(*a_, **k))
+    sweeps = []
+    real_loop = _schedule.reverse_loop
+    monkeypatch.setattr(_schedule, "reverse_loop", lambda *a_, **k: sweeps.append(1) or real_loop(*a_, **k))
 
-    def grad(ts):
+    def grad(a, a_axes, ts, t0, t1, dt0):
         def loss(y0, a):
-            return jnp.sum(fusedrk.solve(field, y0, 0.0, 2.9, args=a, args_axes=0, dt0=0.1, ts=ts,
-                                         backend="jax").ys ** 2)
+            sol = fusedrk.solve(field, y0, t0, t1, args=a, args_axes=a_axes, dt0=dt0, ts=ts, backend="jax")
+            return jnp.sum(sol.ys ** 2)
         return jax.grad(loss, argnums=(0, 1))(y0, a)
 
-    for ts in (None, jnp.asarray([0.5, 1.0, 2.9])):
-        got = grad(ts)
+    ts = jnp.asarray([0.0, 0.5, 1.0, 1.05, 2.9], dtype)
+    cases = [(jnp.linspace(1.0, 2.0, 6, dtype=dtype), 0, None, 0.0, 2.9, 0.1),
+             (jnp.asarray(1.5, dtype), None, ts, 0.0, 2.9, 0.1),
+             (jnp.linspace(1.0, 2.0, 6, dtype=dtype), 0, ts[::-1], 2.9, 0.0, -0.1)]
+    for case in cases:
+        got = grad(*case)
+        assert (len(calls), len(sweeps)) == (1, 0)
         with monkeypatch.context() as m:
-            m.setattr(_reference, "stores_rows", lambda config, with_tape: True)
-            want = grad(ts)
-        for x, y in zip(got, want):
-            np.testing.assert_array_equal(x, y)
-    assert len(lean_calls) == 2
+            m.setattr(_reference, "stores_rows", lambda config, with_tape: True)  # the general loops
+            want = grad(*case)
+        assert len(sweeps) == 1
+        calls.clear(), sweeps.clear()
+        assert_tree_close(got, want, float_tol(jnp.dtype(dtype), 2 * 29))
