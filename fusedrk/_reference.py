@@ -101,6 +101,10 @@ class _Limits(NamedTuple):
     num_fixed_steps: Optional[jax.Array]
 
 
+def _add(a, b):
+    return jax.tree_util.tree_map(jnp.add, a, b)
+
+
 def _batch(state: tuple) -> int:
     return state[0].shape[0]
 
@@ -124,19 +128,24 @@ def _running(c, t_end):
 def _attempt(config: Config, field, times: Times, limits: _Limits, c, n, *, isolated=True) -> _step.Attempt:
     """Iteration n's attempted step for every lane, from the carry entries named in LOOP.
 
-    ``isolated=False``: the step as one expression, for XLA to fuse whole (``_lean_forward``).
+    ``isolated=False``: the stages as one expression, for XLA to fuse whole, and the field at
+    the step's end (FSAL) not evaluated: its k_7 and ``f`` are zeros, and the caller evaluates
+    it (``_lean_forward``).
     """
     in_loop = n < config.rows  # True here; unknown to the compiler
 
     def stage_field(t, y):
         return _evaluate(field, (t, y), in_loop) if isolated else field(t, y)
 
+    def end_field(t, y):
+        return stage_field(t, y) if isolated else tuple(jnp.zeros_like(leaf) for leaf in y)
+
     def attempt(loop):
         return _step.attempt_step(
             stage_field, adaptive=config.adaptive, active=_running(loop, times.t_end), tprev=loop["tprev"],
             tnext=loop["tnext"], y=loop["y"], f=loop["f"], direction=times.direction, rtol=times.rtol,
             atol=times.atol, t_start=times.t_start, t_end=times.t_end, t_end_floor=limits.t_end_floor,
-            num_fixed_steps=limits.num_fixed_steps, steps_done=n,
+            num_fixed_steps=limits.num_fixed_steps, steps_done=n, end_field=end_field,
         )
 
     # One computation of its own on CPU, so that the forward loop and a segment's replay
@@ -307,17 +316,18 @@ def _lean_forward(config: Config, field, times: Times, y0: tuple, *, with_tape: 
     """``forward`` for fixed steps that store nothing per iteration: what a solve without a
     gradient runs, and a gradient's forward when the field's VJP reads no state.
 
-    Every lane shares its times, so the loop carries only the iteration, the state and the
-    iteration at which each lane failed: the times are computed from the iteration
-    (``_step.fixed_interval``, bit for bit the carried ones), each step starts by evaluating
-    the field (no FSAL derivative carried; the same value), and a state that became
-    non-finite is noticed at the start of the next iteration (the lane's outcome is the same:
-    it stops with that state, its failing step counted as accepted). A step then has one
-    result, the next state, and XLA compiles it into one loop fusion: no stage is computed
-    twice, and the loop body is few enough operations for XLA:CPU to run it without handing
-    work between threads (seed, 800 steps: forward 3.8 -> 2.9 ms; Lorenz B = 256, 10,000
-    steps: 35 -> 19.5 ms). A step in which a save falls runs the isolated step of ``forward``
-    in a conditional's branch: the interpolation needs its stages.
+    Every lane shares its times, so the loop carries only the iteration, the state, its FSAL
+    derivative and the iteration at which each lane failed: the times are computed from the
+    iteration (``_step.fixed_interval``, bit for bit the carried ones), and a state that
+    became non-finite is noticed at the start of the next iteration (the lane's outcome is the
+    same: it stops with that state, its failing step counted as accepted). The step's stages
+    then have one result, the next state, which XLA compiles into one loop fusion (no stage
+    computed twice); the FSAL derivative is the field at that state, evaluated apart
+    (``_evaluate``) from it in memory. The loop body is then few enough operations for XLA:CPU
+    to run it without handing work between threads (2-core VM, float32: seed, 2,250 lanes, 800
+    steps, 3.8 -> 1.9 ms; Lorenz, 256 lanes, 10,000 steps, 35 -> 19 ms). A step in which a
+    save falls runs the isolated step of ``forward`` in a conditional's branch: the
+    interpolation needs its stages. Field evaluations: 1 + 6 per step, as ``forward``.
     """
     B = _batch(y0)
     T = times.ts.shape[0]
@@ -336,35 +346,40 @@ def _lean_forward(config: Config, field, times: Times, y0: tuple, *, with_tape: 
         new = (failed_at == never) & (n > 0) & ~(_step.all_finite(y) & jnp.isfinite(tnext))
         return jnp.where(new, n - 1, failed_at), jnp.where(new, tprev, t_final)
 
-    def step(n, y, running, isolated):
+    def step(n, y, f, running, isolated):
         tprev, tnext = interval(n)
-        f = _evaluate(field, (tprev, y), n < config.rows) if isolated else field(tprev, y)
         loop = dict(tprev=tprev, tnext=tnext, y=y, f=f, result=jnp.where(running, SUCCESSFUL, NONFINITE))
         return _attempt(config, field, times, limits, loop, n, isolated=isolated)
 
+    def lean_step(n, y, f, running):
+        # The FSAL value apart from the stages (in memory, once), at the next state: for a
+        # running lane the step's end, and a stopped lane's is never used.
+        y = step(n, y, f, running, isolated=False).y
+        return y, _evaluate(field, (interval(n)[1], y), n < config.rows)
+
     def body(state):
-        n, y, failed_at, t_final, saves = state
+        n, y, f, failed_at, t_final, saves = state
         failed_at, t_final = note_failures(n, y, failed_at, t_final)
         running = failed_at == never
         if not config.save_ts:
-            return n + 1, step(n, y, running, isolated=False).y, failed_at, t_final, saves
+            return (n + 1, *lean_step(n, y, f, running), failed_at, t_final, saves)
 
         def with_saves(operand):
-            y, (pointer, save_index, ys, save_iter) = operand
-            attempt = step(n, y, running, isolated=True)
+            y, f, (pointer, save_index, ys, save_iter) = operand
+            attempt = step(n, y, f, running, isolated=True)
             tprev, tnext = interval(n)
             save_index, ys, save_iter = _save(dict(save_index=save_index, ys=ys, save_iter=save_iter), n,
                                               attempt.accept, tprev, tnext, y, attempt.ks, times.ts)
             pointer = lax.while_loop(lambda p: due(p, tnext), lambda p: p + 1, pointer)
-            return attempt.y, (pointer, save_index, ys, save_iter)
+            return attempt.y, attempt.f, (pointer, save_index, ys, save_iter)
 
         def without_saves(operand):
-            y, saves = operand
-            return step(n, y, running, isolated=False).y, saves
+            y, f, saves = operand
+            return (*lean_step(n, y, f, running), saves)
 
         # The running lanes' next save (a failed lane's stops where it failed).
-        y, saves = lax.cond(due(saves[0], interval(n)[1]), with_saves, without_saves, (y, saves))
-        return n + 1, y, failed_at, t_final, saves
+        y, f, saves = lax.cond(due(saves[0], interval(n)[1]), with_saves, without_saves, (y, f, saves))
+        return n + 1, y, f, failed_at, t_final, saves
 
     def due(pointer, tnext):
         return (pointer < T) & (times.ts[jnp.minimum(pointer, T - 1)] <= tnext)
@@ -378,8 +393,9 @@ def _lean_forward(config: Config, field, times: Times, y0: tuple, *, with_tape: 
         zeros_b = jnp.zeros((B,), jnp.int32)
         saves = (jnp.int32(0), zeros_b, tuple(jnp.full((B, T) + y.shape[1:], jnp.inf, y.dtype) for y in y0),
                  jnp.full((B, T), -1, jnp.int32))
-    init = (jnp.int32(0), y0, jnp.full((B,), never), jnp.zeros((B,), times.t_start.dtype), saves)
-    n, y, failed_at, t_final, saves = lax.while_loop(go, body, init)
+    init = (jnp.int32(0), y0, field(times.t_start, y0), jnp.full((B,), never), jnp.zeros((B,), times.t_start.dtype),
+            saves)
+    n, y, _, failed_at, t_final, saves = lax.while_loop(go, body, init)
     failed_at, t_final = note_failures(n, y, failed_at, t_final)
     failed = failed_at < never
     num_accepted = jnp.where(failed, failed_at + 1, n)
@@ -567,12 +583,12 @@ def backward(config: Config, field, field_vjp, times: Times, y0: tuple, fwd: For
         _, tape = lax.fori_loop(jnp.int32(0), count, one, (loop, tape))
         return (tape,) + c[1:]
 
-    def sweep(c, n, row, isolated=True):
+    def sweep(c, n, row):
         tape, y_bar, f_bar, args_bar, pointer, due = c
         in_loop = n >= 0
 
         def stage_vjp(t, y, f_bar):
-            return _evaluate(field_vjp, (t, y, f_bar), in_loop) if isolated else field_vjp(t, y, f_bar)
+            return _evaluate(field_vjp, (t, y, f_bar), in_loop)
 
         if config.adaptive:
             mask = tape.accepted[row]
@@ -607,39 +623,44 @@ def backward(config: Config, field, field_vjp, times: Times, y0: tuple, fwd: For
 
     def lean_sweep(i, c):
         # _lean_forward's gradient: no rows, no replays. Each iteration's FSAL cotangent is
-        # applied at once, to the field at the step's start (_lean_forward evaluates it there),
-        # so the iteration's only results are the cotangents of the state (and of the
-        # arguments): XLA fuses the step's whole VJP. An iteration that saved runs the isolated
-        # sweep (its saves' cotangents) in a conditional's branch.
+        # applied at once to the field at the step's start (the field's VJP reads no state, so
+        # the point is the same as where the previous step or the initial evaluation computed
+        # it), and without saves the field at the step's end gets no VJP of its own. The
+        # iteration's only results are then the cotangents of the state (and of the
+        # arguments): XLA fuses the step's whole VJP. An iteration in which some lane saved
+        # runs the isolated sweep (its saves' cotangents) in a conditional's branch.
         n = fwd.num_iters - 1 - i
+        tprev, tnext, mask = fixed_row(fixed_scalars, n, fwd.num_accepted)
 
-        def run(c, isolated):
-            tape, y_bar, f_bar, args_bar, pointer, due = sweep(c, n, None, isolated)
-            tprev, _, _ = fixed_row(fixed_scalars, n, fwd.num_accepted)
-            pull = (lambda *a: _evaluate(field_vjp, a, n >= 0)) if isolated else field_vjp
-            f0_y_bar, f0_args_bar = pull(tprev, zeros, f_bar)  # the VJP reads no state: zeros
-            y_bar = tuple(a + b for a, b in zip(y_bar, f0_y_bar))
-            args_bar = jax.tree_util.tree_map(jnp.add, args_bar, f0_args_bar)
-            return tape, y_bar, zeros, args_bar, pointer, due
+        def without_saves(c):
+            tape, y_bar, f_bar, args_bar, pointer, due = c
+            y0_bar, f0_bar, step_args_bar = _step.tsit5_step_vjp(
+                field_vjp, tprev, tnext, zeros, (zeros,) * TAPE_STAGES, times.direction * (tnext - tprev), mask,
+                y_bar, None, None, None)
+            return tape, _step.lane_where(mask, y0_bar, y_bar), f0_bar, _add(args_bar, step_args_bar), pointer, due
 
-        if not config.save_ts:
-            return run(c, False)
-        return lax.cond(saved_in[n], lambda c: run(c, True), lambda c: run(c, False), c)
+        def with_saves(c):
+            return sweep(c, n, None)
+
+        c = lax.cond(saved_in[n], with_saves, without_saves, c) if config.save_ts else without_saves(c)
+        tape, y_bar, f_bar, args_bar, pointer, due = c
+        f0_y_bar, f0_args_bar = field_vjp(tprev, zeros, _step.lane_where(mask, f_bar, zeros))  # zeros: see above
+        return tape, _step.lane_where(mask, _add(y_bar, f0_y_bar), y_bar), zeros, _add(args_bar, f0_args_bar), pointer, due
 
     carry = (fwd.tape, y_bar, zeros, args_bar, pointer, due_iteration(pointer))
     if not config.adaptive and not stores_rows(config, True):
         if config.save_ts:  # whether some lane saved in iteration n
             saved = jnp.where(fwd.save_iter >= 0, fwd.save_iter, config.rows).ravel()  # -1: none
             saved_in = jnp.zeros((config.rows,), bool).at[saved].set(True, mode="drop")
-        _, y_bar, f_bar, args_bar, _, _ = lax.fori_loop(jnp.int32(0), fwd.num_iters, lean_sweep, carry)
+        _, y_bar, _, args_bar, _, _ = lax.fori_loop(jnp.int32(0), fwd.num_iters, lean_sweep, carry)
     else:
         _, y_bar, f_bar, args_bar, _, _ = _schedule.reverse_loop(
             fwd.num_iters, config.tape_rows, carry, replay=replay, sweep=sweep, around_replays=around_replays,
         )
-    # The first step's FSAL stage: the field at the initial point (zero after lean_sweep).
-    start_y_bar, start_args_bar = field_vjp(t_start, y0, f_bar)
-    y_bar = tuple(a + b for a, b in zip(y_bar, start_y_bar))
-    args_bar = jax.tree_util.tree_map(jnp.add, args_bar, start_args_bar)
+        # The first step's FSAL stage: the field at the initial point.
+        start_y_bar, start_args_bar = field_vjp(t_start, y0, f_bar)
+        y_bar = _add(y_bar, start_y_bar)
+        args_bar = _add(args_bar, start_args_bar)
     if config.save_ts:
         empty = times.t_start == times.t_end
         y_bar = tuple(a + jnp.where(empty, jnp.sum(g, axis=1), 0) for a, g in zip(y_bar, ys_bar))

@@ -119,19 +119,19 @@ def _scale(f: State, control: jax.Array) -> State:
     return tuple(leaf * lane(control, leaf) for leaf in f)
 
 
-def tsit5_step(field: Field, t0, t1, y0: State, f0: State, control) -> tuple:
+def tsit5_step(field: Field, t0, t1, y0: State, f0: State, control, end_field: Field | None = None) -> tuple:
     """Attempt one step from t0 to t1. ``f0`` is the field at (t0, y0), known by FSAL.
 
     Returns (y1, ks, f_end): the candidate solution, the seven stage increments
     k_i = control * f_i, and the field at (t1, y1) for the next step's FSAL. Six field
-    evaluations.
+    evaluations; the last (at (t1, y1)) by ``end_field`` if given.
     """
     times = stage_times(t0, t1)
     ks = [_scale(f0, control)]
     f_i = f0
     for i in range(1, NUM_STAGES):
         y_i = stage_input(i, y0, ks)
-        f_i = field(times[i], y_i)
+        f_i = (field if end_field is None or i < NUM_STAGES - 1 else end_field)(times[i], y_i)
         ks.append(_scale(f_i, control))
     # Stage 7 is FSAL: its input is the propagated solution (diffrax skips the b_sol sum for
     # "ssal" tableaux and returns the last stage input).
@@ -264,7 +264,7 @@ class Attempt(NamedTuple):
 
 
 def attempt_step(field: Field, *, adaptive: bool, active, tprev, tnext, y, f, direction, rtol,
-                 atol, t_start, t_end, t_end_floor, num_fixed_steps, steps_done) -> Attempt:
+                 atol, t_start, t_end, t_end_floor, num_fixed_steps, steps_done, end_field=None) -> Attempt:
     """One iteration of diffrax's integration loop (``_integrate.py`` ``body_fun``) per lane.
 
     ``active`` marks running lanes. Fixed steps place the next step end at a fraction of the
@@ -273,7 +273,7 @@ def attempt_step(field: Field, *, adaptive: bool, active, tprev, tnext, y, f, di
     unconditionally (finished lanes are masked through ``accept``).
     """
     control = direction * (tnext - tprev)
-    y1, ks, f_end = tsit5_step(field, tprev, tnext, y, f, control)
+    y1, ks, f_end = tsit5_step(field, tprev, tnext, y, f, control, end_field)
     if adaptive:
         error = scaled_error(y, y1, error_estimate(ks), rtol, atol)
         keep, next_t0, next_t1 = pid_next_interval(tprev, tnext, error)
@@ -385,8 +385,17 @@ def tsit5_step_vjp(
     Lanes where ``lane_mask`` is False (rejected or finished) get zero cotangents into every
     VJP, evaluated at their own start state y0 so that a wild rejected stage cannot turn
     0 * inf into NaN; the caller keeps its carries for those lanes.
+
+    ``k_bars=None``: no interpolated output of this step (``y0_bar`` then must be None too),
+    and with ``f_end_bar=None`` as well the field at (t1, y1) gets no cotangent at all, so its
+    VJP is not applied (a caller that applies each f0_bar at once to the field at the step's
+    start: the jax backend's lean sweep).
     """
     times = stage_times(t0, t1)
+    no_outputs = k_bars is None
+    if no_outputs:
+        k_bars = [tuple(jnp.zeros_like(b) for b in y1_bar)] * NUM_STAGES
+        y0_bar = tuple(jnp.zeros_like(b) for b in y1_bar)
     k_bars = [tuple(kb) for kb in k_bars]
     y0_bar = tuple(y0_bar)
     args_bar = None
@@ -405,9 +414,13 @@ def tsit5_step_vjp(
             k_bars[j] = tuple(kb + a * g for kb, g in zip(k_bars[j], y_i_bar))
 
     last = NUM_STAGES - 1
-    f_bar = tuple(a + b for a, b in zip(_scale(k_bars[last], control), f_end_bar))
-    y1 = stage_input(last, y0, ks)
-    y1_total_bar = tuple(a + b for a, b in zip(y1_bar, pull(last, y1, f_bar)))
+    if no_outputs and f_end_bar is None:
+        y1_total_bar = tuple(y1_bar)
+    else:
+        f_bar = _scale(k_bars[last], control)
+        if f_end_bar is not None:
+            f_bar = tuple(a + b for a, b in zip(f_bar, f_end_bar))
+        y1_total_bar = tuple(a + b for a, b in zip(y1_bar, pull(last, stage_input(last, y0, ks), f_bar)))
     into_stage_input(last, y1_total_bar)
     for i in range(last - 1, 0, -1):
         y_i_bar = pull(i, stage_input(i, y0, ks), _scale(k_bars[i], control))

@@ -137,6 +137,19 @@ MUTANTS = [
            "a step that saved once is treated as one that saved nothing"),
     Mutant("fusedrk/_allsave.py", "        read = {i for i in candidates if jaxpr.invars[i] in live}",
            "        read = set()", ALLSAVE, "a buffer the loop reads back is zeroed in the re-run"),
+    # -- the jax backend's lean fixed-step loops (2026-12-07)
+    Mutant("fusedrk/_reference.py", "        return jnp.where(new, n - 1, failed_at), jnp.where(new, tprev, t_final)",
+           "        return jnp.where(new, n, failed_at), jnp.where(new, tprev, t_final)",
+           ("tests/test_tape.py::test_the_lean_fixed_step_forward_equals_the_general_one",),
+           "a lane's failing step is not counted"),
+    Mutant("fusedrk/_reference.py", "_step.lane_where(mask, _add(y_bar, f0_y_bar), y_bar)",
+           "_step.lane_where(mask, y_bar, y_bar)",
+           ("tests/test_tape.py::test_a_gradient_whose_tape_is_empty_runs_lean_loops_equal_to_the_general_ones",),
+           "the lean sweep drops each step's FSAL cotangent"),
+    Mutant("fusedrk/_reference.py", "saved_in = jnp.zeros((config.rows,), bool).at[saved].set(True, mode=\"drop\")",
+           "saved_in = jnp.zeros((config.rows,), bool).at[saved].set(False, mode=\"drop\")",
+           ("tests/test_tape.py::test_a_gradient_whose_tape_is_empty_runs_lean_loops_equal_to_the_general_ones",),
+           "the lean sweep skips the saves' cotangents"),
 ]
 
 
