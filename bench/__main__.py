@@ -103,8 +103,10 @@ def _seed_case(name, quick):
         return peers.run(peer_name, peers.Spec(name, (y0,), p.t0, horizon, p.dt0, None, loss(horizon)))
 
     reads = _liveness.field_reads_state(p.field, jax.ShapeDtypeStruct((), jnp.float32))
-    return [Case(name, "grad", 2250, t1, t1_diffrax, int(round(t1 / p.dt0)), False, y0, ours, theirs, 1, peer,
-                 tape_state=reads)]
+    # The seed's forward too: a solve without a gradient runs the jax backend's lean loop.
+    modes = ("grad", "forward") if name == "seed" else ("grad",)
+    return [Case(name, mode, 2250, t1, t1_diffrax, int(round(t1 / p.dt0)), False, y0, ours, theirs, 1, peer,
+                 tape_state=reads) for mode in modes]
 
 
 def _ensemble_cases(name, quick, sizes):
