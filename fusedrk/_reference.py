@@ -323,11 +323,12 @@ def _lean_forward(config: Config, field, times: Times, y0: tuple, *, with_tape: 
     same: it stops with that state, its failing step counted as accepted). The step's stages
     then have one result, the next state, which XLA compiles into one loop fusion (no stage
     computed twice); the FSAL derivative is the field at that state, evaluated apart
-    (``_evaluate``) from it in memory. The loop body is then few enough operations for XLA:CPU
-    to run it without handing work between threads (2-core VM, float32: seed, 2,250 lanes, 800
-    steps, 3.8 -> 1.9 ms; Lorenz, 256 lanes, 10,000 steps, 35 -> 19 ms). A step in which a
-    save falls runs the isolated step of ``forward`` in a conditional's branch: the
-    interpolation needs its stages. Field evaluations: 1 + 6 per step, as ``forward``.
+    (``_evaluate``) from it in memory: about 10 XLA:CPU operations per step where ``forward``
+    has ~38 (2-core VM, float32, ``python -m bench --quick``: the seed's forward, 2,250 lanes,
+    800 steps, 3.4-4.7 -> 1.8-3.1 ms; Lorenz, 256 lanes, 1,000 steps, 10 saves, 6.2 -> 2.1 ms).
+    A step in which a save falls runs the isolated step of ``forward`` in a conditional's
+    branch: the interpolation needs its stages. Field evaluations: 1 + 6 per step, as
+    ``forward``.
     """
     B = _batch(y0)
     T = times.ts.shape[0]
