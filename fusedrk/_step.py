@@ -394,6 +394,7 @@ def tsit5_step_vjp(
     times = stage_times(t0, t1)
     no_outputs = k_bars is None
     if no_outputs:
+        assert y0_bar is None, "y0_bar without k_bars: pass zeros for k_bars"
         k_bars = [tuple(jnp.zeros_like(b) for b in y1_bar)] * NUM_STAGES
         y0_bar = tuple(jnp.zeros_like(b) for b in y1_bar)
     k_bars = [tuple(kb) for kb in k_bars]

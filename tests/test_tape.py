@@ -421,31 +421,36 @@ def test_a_gradient_whose_tape_is_empty_runs_lean_loops_equal_to_the_general_one
     its forward is _lean_forward and its reverse sweep the lean one (each FSAL cotangent
     applied at once, no ring, no replays). Gradients with respect to y0 and to per-lane and
     shared arguments must equal the general loops' to rounding, saving at t1 or at ts (two
-    saves in one step, a save at t0), forwards and backwards in time."""
+    saves in one step when backwards, a save at t0), forwards and backwards in time, with a
+    lane that fails at once (infinite y0, cotangents masked), out of steps, and t0 == t1."""
     from fusedrk import _reference, _schedule
 
     def field(t, y, a):
         return -0.3 * y + jnp.sin(t) * a
 
-    y0 = jnp.linspace(0.5, 2.0, 6, dtype=dtype)
     calls = []
-    for name in ("_lean_forward",):
-        real = getattr(_reference, name)
-        monkeypatch.setattr(_reference, name, lambda *a_, _real=real, **k: calls.append(1) or _real(*a_, **k))
+    real_lean = _reference._lean_forward
+    monkeypatch.setattr(_reference, "_lean_forward", lambda *a_, **k: calls.append(1) or real_lean(*a_, **k))
     sweeps = []
     real_loop = _schedule.reverse_loop
     monkeypatch.setattr(_schedule, "reverse_loop", lambda *a_, **k: sweeps.append(1) or real_loop(*a_, **k))
 
-    def grad(a, a_axes, ts, t0, t1, dt0):
+    def grad(y0, a, a_axes, ts, t0, t1, dt0, max_steps=4096):
         def loss(y0, a):
-            sol = fusedrk.solve(field, y0, t0, t1, args=a, args_axes=a_axes, dt0=dt0, ts=ts, backend="jax")
-            return jnp.sum(sol.ys ** 2)
+            sol = fusedrk.solve(field, y0, t0, t1, args=a, args_axes=a_axes, dt0=dt0, ts=ts, backend="jax",
+                                max_steps=max_steps, throw=False)
+            return jnp.sum(jnp.where(jnp.isfinite(sol.ys), sol.ys, 0) ** 2)
         return jax.grad(loss, argnums=(0, 1))(y0, a)
 
+    y0 = jnp.linspace(0.5, 2.0, 6, dtype=dtype)
+    a = jnp.linspace(1.0, 2.0, 6, dtype=dtype)
     ts = jnp.asarray([0.0, 0.5, 1.0, 1.05, 2.9], dtype)
-    cases = [(jnp.linspace(1.0, 2.0, 6, dtype=dtype), 0, None, 0.0, 2.9, 0.1),
-             (jnp.asarray(1.5, dtype), None, ts, 0.0, 2.9, 0.1),
-             (jnp.linspace(1.0, 2.0, 6, dtype=dtype), 0, ts[::-1], 2.9, 0.0, -0.1)]
+    cases = [(y0, a, 0, None, 0.0, 2.9, 0.1),
+             (y0, jnp.asarray(1.5, dtype), None, ts, 0.0, 2.9, 0.1),
+             (y0, a, 0, ts[::-1], 2.9, 0.0, -0.1),
+             (y0.at[2].set(jnp.inf), jnp.asarray(1.5, dtype), None, ts, 0.0, 2.9, 0.1),
+             (y0, a, 0, ts, 0.0, 2.9, 0.1, 12),
+             (y0, a, 0, jnp.asarray([1.0, 1.0], dtype), 1.0, 1.0, 0.1)]
     for case in cases:
         got = grad(*case)
         assert (len(calls), len(sweeps)) == (1, 0)
@@ -455,3 +460,28 @@ def test_a_gradient_whose_tape_is_empty_runs_lean_loops_equal_to_the_general_one
         assert len(sweeps) == 1
         calls.clear(), sweeps.clear()
         assert_tree_close(got, want, float_tol(jnp.dtype(dtype), 2 * 29))
+
+
+def test_the_lean_loops_under_vmap_equal_separate_solves(x64):
+    """jax.vmap over t1 of a fixed-step solve and its gradient (a field whose VJP reads no
+    state: the lean loops). The batch elements run different numbers of iterations, so the
+    batched loops run on with some elements finished (the reverse sweep at n < 0 for those).
+    Each element must equal its own solve."""
+
+    def field(t, y, a):
+        return -0.3 * y + jnp.sin(t) * a
+
+    y0, a = jnp.linspace(0.5, 2.0, 4), jnp.linspace(1.0, 2.0, 4)
+    t1s = [0.6, 1.0, 1.55]
+    for ts in (None, jnp.asarray([0.3, 0.5, 0.5])):
+        def solve(t1, y0, a):
+            return fusedrk.solve(field, y0, 0.0, t1, args=a, args_axes=0, dt0=0.1, ts=ts, backend="jax")
+
+        def loss(t1, y0, a):
+            return jnp.sum(solve(t1, y0, a).ys ** 2)
+
+        ys = jax.vmap(lambda t1: solve(t1, y0, a).ys)(jnp.asarray(t1s))
+        grads = jax.vmap(jax.grad(loss, argnums=(1, 2)), in_axes=(0, None, None))(jnp.asarray(t1s), y0, a)
+        for i, t1 in enumerate(t1s):
+            assert_tree_close(ys[i], solve(t1, y0, a).ys, F64_TOL)
+            assert_tree_close((grads[0][i], grads[1][i]), jax.grad(loss, argnums=(1, 2))(t1, y0, a), F64_TOL)
