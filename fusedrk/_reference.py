@@ -191,37 +191,24 @@ def fixed_row(k, n, num_accepted):
     return tprev, tnext, (n >= 0) & (n < num_accepted)
 
 
-def _new_tape(config: Config, loop: dict, y0: tuple) -> Tape:
-    """The tape's buffers, unwritten; ``loop`` holds the LOOP entries (their shapes)."""
-    B = _batch(y0)
-    R = config.tape_rows
-    segments = _schedule.num_segments(config.rows, R)
-    spec = jax.ShapeDtypeStruct
-    stored = y0 if config.tape_state else ()
-    adaptive = config.adaptive
-    tdtype = loop["tprev"].dtype
-    return _uninitialised.like(Tape(
-        y=tuple(spec((R,) + y.shape, y.dtype) for y in stored),
-        k=tuple(spec((R, TAPE_STAGES) + y.shape, y.dtype) for y in stored),
-        tprev=spec((R, B), tdtype) if adaptive else None,
-        tnext=spec((R, B), tdtype) if adaptive else None,
-        accepted=spec((R, B), jnp.bool_) if adaptive else None,
-        checkpoints=jax.tree_util.tree_map(lambda x: spec((segments,) + jnp.shape(x), jnp.result_type(x)), loop),
-    ), batched_like=y0)
-
-
 def stores_rows(config: Config, with_tape: bool) -> bool:
     """Whether the forward writes anything per iteration besides saves: tape rows (the
     state, or an adaptive step's times and flags) or segment checkpoints."""
     return with_tape and (config.tape_state or config.adaptive or config.tape_rows < config.rows)
 
 
+def _lean(config: Config, with_tape: bool) -> bool:
+    """Whether ``forward`` runs ``_lean_forward`` (and ``backward`` its lean sweep)."""
+    return not config.adaptive and not stores_rows(config, with_tape)
+
+
 def forward(config: Config, field, times: Times, y0: tuple, *, with_tape: bool) -> Forward:
     """Integrate every lane; ``field(t [B], y) -> f`` takes internal times."""
-    if not config.adaptive and not stores_rows(config, with_tape):
+    if _lean(config, with_tape):
         return _lean_forward(config, field, times, y0, with_tape=with_tape)
     B = _batch(y0)
     T = times.ts.shape[0]
+    tdtype = times.t_start.dtype
     # Fixed steps put every lane at the same times: keep them as shared scalars, so a field
     # that depends on t evaluates that dependence once per stage rather than once per lane.
     t_start = _lane_times(config, times.t_start, B)
@@ -253,7 +240,21 @@ def forward(config: Config, field, times: Times, y0: tuple, *, with_tape: bool) 
         # Shared times run on to t_end after a lane fails: keep each lane's own stop time.
         carry["t_final"] = jnp.broadcast_to(t_start, (B,))
     if with_tape:
-        carry["tape"] = _new_tape(config, {k: carry[k] for k in LOOP}, y0)
+        R = config.tape_rows
+        segments = _schedule.num_segments(config.rows, R)
+        spec = jax.ShapeDtypeStruct
+        stored = y0 if config.tape_state else ()
+        adaptive = config.adaptive
+        carry["tape"] = _uninitialised.like(Tape(
+            y=tuple(spec((R,) + y.shape, y.dtype) for y in stored),
+            k=tuple(spec((R, TAPE_STAGES) + y.shape, y.dtype) for y in stored),
+            tprev=spec((R, B), tdtype) if adaptive else None,
+            tnext=spec((R, B), tdtype) if adaptive else None,
+            accepted=spec((R, B), jnp.bool_) if adaptive else None,
+            checkpoints=jax.tree_util.tree_map(
+                lambda x: spec((segments,) + jnp.shape(x), jnp.result_type(x)), {k: carry[k] for k in LOOP}
+            ),
+        ), batched_like=y0)
 
     def keep_going(c):
         if not config.adaptive:
@@ -339,36 +340,36 @@ def _lean_forward(config: Config, field, times: Times, y0: tuple, *, with_tape: 
     def interval(n):
         return _step.fixed_interval(n, fixed.num_fixed, fixed.t_start, fixed.t_end, fixed.t_end_floor, fixed.dt0)
 
-    def note_failures(n, y, failed_at, t_final):
+    def note_failures(n, tprev, tnext, y, failed_at, t_final):
         # Iteration n - 1 failed a lane if it left a non-finite state or step end (attempt_step's
         # ``nonfinite``; with shared times the end is each lane's). The lane stopped at the
-        # start of iteration n (a scalar: per lane, XLA:CPU rounds this arithmetic differently).
-        tprev, tnext = interval(n)
+        # start of iteration n, tprev (a scalar: per lane, XLA:CPU rounds this arithmetic
+        # differently).
         new = (failed_at == never) & (n > 0) & ~(_step.all_finite(y) & jnp.isfinite(tnext))
         return jnp.where(new, n - 1, failed_at), jnp.where(new, tprev, t_final)
 
-    def step(n, y, f, running, isolated):
-        tprev, tnext = interval(n)
+    def step(n, tprev, tnext, y, f, running, isolated):
         loop = dict(tprev=tprev, tnext=tnext, y=y, f=f, result=jnp.where(running, SUCCESSFUL, NONFINITE))
         return _attempt(config, field, times, limits, loop, n, isolated=isolated)
 
-    def lean_step(n, y, f, running):
-        # The FSAL value apart from the stages (in memory, once), at the next state: for a
-        # running lane the step's end, and a stopped lane's is never used.
-        y = step(n, y, f, running, isolated=False).y
-        return y, _evaluate(field, (interval(n)[1], y), n < config.rows)
-
     def body(state):
         n, y, f, failed_at, t_final, saves = state
-        failed_at, t_final = note_failures(n, y, failed_at, t_final)
+        tprev, tnext = interval(n)
+        failed_at, t_final = note_failures(n, tprev, tnext, y, failed_at, t_final)
         running = failed_at == never
+
+        def lean_step(y, f):
+            # The FSAL value apart from the stages (in memory, once), at the next state: for a
+            # running lane the step's end, and a stopped lane's is never used.
+            y = step(n, tprev, tnext, y, f, running, isolated=False).y
+            return y, _evaluate(field, (tnext, y), n < config.rows)
+
         if not config.save_ts:
-            return (n + 1, *lean_step(n, y, f, running), failed_at, t_final, saves)
+            return (n + 1, *lean_step(y, f), failed_at, t_final, saves)
 
         def with_saves(operand):
             y, f, (pointer, save_index, ys, save_iter) = operand
-            attempt = step(n, y, f, running, isolated=True)
-            tprev, tnext = interval(n)
+            attempt = step(n, tprev, tnext, y, f, running, isolated=True)
             save_index, ys, save_iter = _save(dict(save_index=save_index, ys=ys, save_iter=save_iter), n,
                                               attempt.accept, tprev, tnext, y, attempt.ks, times.ts)
             pointer = lax.while_loop(lambda p: due(p, tnext), lambda p: p + 1, pointer)
@@ -376,10 +377,10 @@ def _lean_forward(config: Config, field, times: Times, y0: tuple, *, with_tape: 
 
         def without_saves(operand):
             y, f, saves = operand
-            return (*lean_step(n, y, f, running), saves)
+            return (*lean_step(y, f), saves)
 
         # The running lanes' next save (a failed lane's stops where it failed).
-        y, f, saves = lax.cond(due(saves[0], interval(n)[1]), with_saves, without_saves, (y, f, saves))
+        y, f, saves = lax.cond(due(saves[0], tnext), with_saves, without_saves, (y, f, saves))
         return n + 1, y, f, failed_at, t_final, saves
 
     def due(pointer, tnext):
@@ -397,10 +398,10 @@ def _lean_forward(config: Config, field, times: Times, y0: tuple, *, with_tape: 
     init = (jnp.int32(0), y0, field(times.t_start, y0), jnp.full((B,), never), jnp.zeros((B,), times.t_start.dtype),
             saves)
     n, y, _, failed_at, t_final, saves = lax.while_loop(go, body, init)
-    failed_at, t_final = note_failures(n, y, failed_at, t_final)
+    t_reached, t_next = interval(n)
+    failed_at, t_final = note_failures(n, t_reached, t_next, y, failed_at, t_final)
     failed = failed_at < never
     num_accepted = jnp.where(failed, failed_at + 1, n)
-    t_reached = interval(n)[0]
     running_at_end = t_reached < times.t_end
     result = jnp.where(failed, NONFINITE, jnp.where(running_at_end, MAX_STEPS_REACHED, SUCCESSFUL)).astype(jnp.int32)
     if config.save_ts:
@@ -409,10 +410,6 @@ def _lean_forward(config: Config, field, times: Times, y0: tuple, *, with_tape: 
         ys = tuple(jnp.where(empty, jnp.broadcast_to(a[:, None], s.shape), s) for a, s in zip(y0, ys))
     else:
         ys, save_iter = tuple(a[:, None] for a in y), jnp.full((B, T), -1, jnp.int32)
-    tape = None
-    if with_tape:
-        zeros = jnp.zeros((B,), jnp.int32)
-        tape = _new_tape(config, dict(tprev=times.t_start, tnext=times.t_start, y=y0, f=y0, result=zeros), y0)
     return Forward(
         ys=ys,
         num_accepted=num_accepted,
@@ -420,7 +417,7 @@ def _lean_forward(config: Config, field, times: Times, y0: tuple, *, with_tape: 
         result=result,
         save_iter=save_iter,
         num_iters=n,
-        tape=tape,
+        tape=None,  # nothing per iteration: the lean sweep reads no tape
         t_final=jnp.where(failed, t_final, t_reached),
     )
 
@@ -649,7 +646,7 @@ def backward(config: Config, field, field_vjp, times: Times, y0: tuple, fwd: For
         return tape, _step.lane_where(mask, _add(y_bar, f0_y_bar), y_bar), zeros, _add(args_bar, f0_args_bar), pointer, due
 
     carry = (fwd.tape, y_bar, zeros, args_bar, pointer, due_iteration(pointer))
-    if not config.adaptive and not stores_rows(config, True):
+    if _lean(config, True):
         if config.save_ts:  # whether some lane saved in iteration n
             saved = jnp.where(fwd.save_iter >= 0, fwd.save_iter, config.rows).ravel()  # -1: none
             saved_in = jnp.zeros((config.rows,), bool).at[saved].set(True, mode="drop")
