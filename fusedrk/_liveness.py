@@ -48,12 +48,38 @@ def vjp_reads_state(lane_fn, y_spec: tuple, diff_spec: list, nondiff_spec: list,
 
 def live_inputs(jaxpr, outvars=None) -> set:
     """Variables some output of ``jaxpr`` (or some of ``outvars``, when given) depends on
-    (dead equations dropped)."""
+    (dead equations dropped). A while loop is followed carry by carry (``_while_reads``);
+    any other equation with a live output reads all of its inputs."""
     live = {v for v in (jaxpr.outvars if outvars is None else outvars) if not isinstance(v, jex_core.Literal)}
     for eqn in reversed(jaxpr.eqns):
-        if any(v in live for v in eqn.outvars):
-            live.update(v for v in eqn.invars if not isinstance(v, jex_core.Literal))
+        used = [v in live for v in eqn.outvars]
+        if not any(used):
+            continue
+        reads = _while_reads(eqn, used) if eqn.primitive.name == "while" else eqn.invars
+        live.update(v for v in reads if not isinstance(v, jex_core.Literal))
     return live
+
+
+def _while_reads(eqn, used) -> list:
+    """The inputs of a ``while`` equation that the outputs marked in ``used`` depend on: the
+    carries those outputs need at every iteration (closed under the body's dependences, plus
+    what the condition reads), and the constants the body and condition read for them. A
+    carry only ever written into itself (a buffer of saved values) is not read by the others."""
+    params = eqn.params
+    cond, body = params["cond_jaxpr"].jaxpr, params["body_jaxpr"].jaxpr
+    nc, nb = params["cond_nconsts"], params["body_nconsts"]
+    cond_consts, body_consts, init = eqn.invars[:nc], eqn.invars[nc:nc + nb], eqn.invars[nc + nb:]
+    cond_live = live_inputs(cond)
+    needed = {j for j, u in enumerate(used) if u} | {j for j, v in enumerate(cond.invars[nc:]) if v in cond_live}
+    while True:
+        body_live = live_inputs(body, [body.outvars[j] for j in sorted(needed)])
+        grown = needed | {j for j, v in enumerate(body.invars[nb:]) if v in body_live}
+        if grown == needed:
+            break
+        needed = grown
+    return ([c for c, v in zip(cond_consts, cond.invars[:nc]) if v in cond_live]
+            + [c for c, v in zip(body_consts, body.invars[:nb]) if v in body_live]
+            + [init[j] for j in sorted(needed)])
 
 
 def field_reads_state(vector_field, y_lane, args=None) -> bool:

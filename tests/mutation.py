@@ -137,6 +137,11 @@ MUTANTS = [
            "a step that saved once is treated as one that saved nothing"),
     Mutant("fusedrk/_allsave.py", "        read = {i for i in candidates if jaxpr.invars[i] in live}",
            "        read = set()", ALLSAVE, "a buffer the loop reads back is zeroed in the re-run"),
+    Mutant("fusedrk/_liveness.py", "        if grown == needed:\n            break",
+           "        if True:\n            break", ALLSAVE,
+           "a while loop's carries followed one body deep, not to the fixpoint"),
+    Mutant("fusedrk/_liveness.py", " | {j for j, v in enumerate(cond.invars[nc:]) if v in cond_live}", "", ALLSAVE,
+           "what a while loop's condition reads is not live"),
     # -- the jax backend's lean fixed-step loops (2026-12-07)
     Mutant("fusedrk/_reference.py", "        return jnp.where(new, n - 1, failed_at), jnp.where(new, tprev, t_final)",
            "        return jnp.where(new, n, failed_at), jnp.where(new, tprev, t_final)",

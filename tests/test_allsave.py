@@ -402,3 +402,52 @@ def test_bytes_round_trip_bit_for_bit(x64):
         for x, y in zip(leaves, back):
             assert (x.shape, x.dtype) == (y.shape, y.dtype)
             assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
+
+
+def test_a_buffer_written_inside_a_nested_loop_is_write_only(monkeypatch):
+    # log is written only, inside a while loop whose counter the body also uses: the loop's
+    # other output is live, and log must still be found write-only (_liveness._while_reads
+    # follows a while loop carry by carry; counting every input of a live loop as read kept
+    # diffrax's saved values in every stored step).
+    from fusedrk import _allsave
+
+    seen = {}
+    real = _allsave._write_only
+
+    def spy(*a):
+        seen["found"] = real(*a)
+        return seen["found"]
+
+    def body(c):
+        i, acc, log = c
+        # As diffrax's loop saving at ts inside a step: an all-save loop itself.
+        j, log = _allsave.all_save_while_loop(lambda d: d[0] < i % 2 + 1, lambda d: (d[0] + 1, d[1].at[d[0]].set(acc)),
+                                              (jnp.int32(0), log), max_steps=6, store_inputs=True)
+        return i + 1, acc * 0.5 + jnp.sin(acc) * j, log
+
+    init = (jnp.int32(0), jnp.asarray(0.3), jnp.zeros(6))
+    monkeypatch.setattr(_allsave, "_write_only", spy)
+    _allsave.all_save_while_loop(lambda c: c[0] < 5, body, init, max_steps=6, store_inputs=True)
+    assert seen["found"] == {1}  # moving floats in order: acc, log
+
+
+def test_liveness_follows_a_while_loop_carry_by_carry():
+    # Carries: i (the condition reads it), a, c (feeds a), w (written only: not needed for
+    # a); b feeds c (JAX makes it, unchanged by the body, a constant of the loop, as it does k).
+    from fusedrk import _liveness
+
+    def fn(i, a, b, c, w, k):
+        def body(s):
+            i, a, b, c, w = s
+            return i + 1, a + c * k, b, b * 2.0, w + a
+
+        return jax.lax.while_loop(lambda s: s[0] < 3, body, (i, a, b, c, w))
+
+    jaxpr = jax.make_jaxpr(fn)(0, 1.0, 2.0, 3.0, 4.0, 5.0).jaxpr
+    i, a, b, c, w, k = jaxpr.invars
+    live = _liveness.live_inputs(jaxpr, [jaxpr.outvars[1]])  # the loop's a
+    assert {i, a, b, c, k} <= live and w not in live
+    live = _liveness.live_inputs(jaxpr, [jaxpr.outvars[4]])  # w reads a, and so everything a reads
+    assert {i, a, b, c, k, w} <= live
+    live = _liveness.live_inputs(jaxpr, [jaxpr.outvars[2]])  # b, unchanged, is not even a carry
+    assert b in live and not {i, a, c, w, k} & live
