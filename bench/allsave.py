@@ -9,18 +9,26 @@ Each row: the median of the repeats of jit(value_and_grad) (p20 to p80 beside it
 taken, and the gradient's largest relative difference from DirectAdjoint's, which
 differentiates the same program without recomputing anything (the oracle with adaptive
 steps: RecursiveCheckpointAdjoint departs from it by ~1e-9 here, see tests/test_allsave.py).
+AllSaveAdjoint runs twice: with its default (``store="auto"``: under jax.vmap on a CPU it
+stores each step's inputs, otherwise its residuals) and with ``store="residuals"``; the bytes
+it stores per step (per lane under vmap) are printed beside its rows. A last table times
+AllSaveAdjoint() and RecursiveCheckpointAdjoint(checkpoints=max_steps) alternately, call after
+call in one process (``--alternate`` pairs), the fairest comparison on a machine whose speed
+drifts.
 
-    python -m bench.allsave                  # ~2 minutes on 2 CPU cores
+    python -m bench.allsave                  # ~3 minutes on 2 CPU cores
     python -m bench.allsave --max-steps 256  # storage sized nearer the ~170 steps taken
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 import diffrax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import fusedrk
 from fusedrk._measure import rel_err, timed
@@ -42,7 +50,9 @@ ADJOINTS = {
     "RecursiveCheckpointAdjoint()": lambda m: diffrax.RecursiveCheckpointAdjoint(),
     "DirectAdjoint()": lambda m: diffrax.DirectAdjoint(),
     "fusedrk.AllSaveAdjoint()": lambda m: fusedrk.AllSaveAdjoint(),
+    "fusedrk.AllSaveAdjoint(store='residuals')": lambda m: fusedrk.AllSaveAdjoint(store="residuals"),
 }
+RCP_FULL = "RecursiveCheckpointAdjoint(checkpoints=max_steps)"
 
 
 def cases():
@@ -58,13 +68,22 @@ def cases():
     ]
 
 
-def loss_fn(field, adjoint, max_steps, batch):
-    ts = jnp.linspace(0.0, 10.0, 11)
+def solve_kwargs(max_steps):
+    return dict(stepsize_controller=diffrax.PIDController(rtol=1e-7, atol=1e-9),
+                saveat=diffrax.SaveAt(ts=jnp.linspace(0.0, 10.0, 11)), max_steps=max_steps)
 
+
+def stored_bytes(field, y0, mu, store, max_steps, batch) -> int:
+    """Bytes AllSaveAdjoint(store=store) stores per step (per lane under vmap)."""
+    lane = (y0[0], mu[0]) if batch else (y0, mu)
+    return fusedrk.AllSaveAdjoint.bytes_per_step(diffrax.ODETerm(field), diffrax.Dopri5(), 0.0, 10.0, 0.01, *lane,
+                                                 store=store, vmapped=bool(batch), **solve_kwargs(max_steps))
+
+
+def loss_fn(field, adjoint, max_steps, batch):
     def one(y0, mu):
         sol = diffrax.diffeqsolve(diffrax.ODETerm(field), diffrax.Dopri5(), 0.0, 10.0, 0.01, y0, mu,
-                                  stepsize_controller=diffrax.PIDController(rtol=1e-7, atol=1e-9),
-                                  saveat=diffrax.SaveAt(ts=ts), adjoint=adjoint, max_steps=max_steps)
+                                  adjoint=adjoint, **solve_kwargs(max_steps))
         return jnp.sum(sol.ys**2), sol.stats["num_steps"]
 
     def loss(y0, mu):
@@ -80,12 +99,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.allsave", description=__doc__.splitlines()[0])
     parser.add_argument("--max-steps", type=int, default=4096, help="diffeqsolve's max_steps (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per row (default: %(default)s)")
+    parser.add_argument("--alternate", type=int, default=25,
+                        help="pairs of alternating calls in the last table, 0 to skip it (default: %(default)s)")
     args = parser.parse_args(argv)
     jax.config.update("jax_enable_x64", True)
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}, diffrax {diffrax.__version__}, "
           f"max_steps={args.max_steps}")
-    print("| problem | adjoint | ms per gradient (p20-p80) | steps | vs DirectAdjoint |")
-    print("|---|---|---|---|---|")
+    print("| problem | adjoint | ms per gradient (p20-p80) | bytes per step | steps | vs DirectAdjoint |")
+    print("|---|---|---|---|---|---|")
     for name, field, y0, batch in cases():
         mu = jnp.ones(batch) if batch else jnp.asarray(1.0)
         results = {}
@@ -96,9 +117,37 @@ def main(argv=None) -> int:
         for label, t in results.items():
             (_, steps), grads = t.out
             check = "ok" if int(steps) == int(ref_steps) else f"steps differ ({int(ref_steps)})"
+            stored = ""
+            if label.startswith("fusedrk"):
+                stored = stored_bytes(field, y0, mu, "residuals" if "residuals" in label else "auto",
+                                      args.max_steps, batch)
             print(f"| {name} | {label} | {1e3 * t.median_s:.2f} ({1e3 * t.p20_s:.2f}-{1e3 * t.p80_s:.2f}) | "
-                  f"{int(steps)} | {rel_err(grads, ref):.1e} {check} |", flush=True)
+                  f"{stored} | {int(steps)} | {rel_err(grads, ref):.1e} {check} |", flush=True)
+    if args.alternate:
+        alternate(args)
     return 0
+
+
+def alternate(args):
+    """AllSaveAdjoint() and RecursiveCheckpointAdjoint(checkpoints=max_steps), one call of each
+    in turn: medians over the pairs, and their gradients' difference."""
+    print(f"\nAlternating, {args.alternate} pairs (ms per gradient, medians):\n")
+    print(f"| problem | fusedrk.AllSaveAdjoint() | {RCP_FULL} | ratio | gradients differ by |")
+    print("|---|---|---|---|---|")
+    for name, field, y0, batch in cases():
+        mu = jnp.ones(batch) if batch else jnp.asarray(1.0)
+        fns = [loss_fn(field, ADJOINTS[label](args.max_steps), args.max_steps, batch)
+               for label in ("fusedrk.AllSaveAdjoint()", RCP_FULL)]
+        outs = [jax.block_until_ready(fn(y0, mu)) for fn in fns]
+        times = [[], []]
+        for _ in range(args.alternate):
+            for fn, runs in zip(fns, times):
+                start = time.perf_counter()
+                jax.block_until_ready(fn(y0, mu))
+                runs.append(time.perf_counter() - start)
+        ours, theirs = (1e3 * float(np.median(runs)) for runs in times)
+        print(f"| {name} | {ours:.2f} | {theirs:.2f} | {ours / theirs:.2f} | {rel_err(outs[0][1], outs[1][1]):.1e} |",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -143,13 +143,13 @@ def test_saving_at_more_times_stores_no_more_per_step():
 
 
 def test_a_loop_buffer_that_is_read_is_kept():
-    # store_inputs=True leaves write-only carried floats out of the residuals and re-runs the
-    # loop on zeros in their place; a buffer the body reads back must be kept. Here the body
+    # store_inputs=True and store="inputs" leave write-only carried floats out of what they
+    # store and run the body on zeros in their place; a buffer the body reads back must be kept. Here the body
     # reads row i - 1 of the buffer it writes, and the gradient is checked against the
     # unrolled computation.
     from fusedrk._allsave import all_save_while_loop
 
-    def run(x, store_inputs):
+    def run(x, store_inputs, store):
         def body(c):
             i, acc, buf, log = c
             new = buf.at[i].set(jnp.sin(x * i + buf[jnp.maximum(i - 1, 0)]))
@@ -157,7 +157,7 @@ def test_a_loop_buffer_that_is_read_is_kept():
 
         init = (jnp.int32(0), jnp.asarray(0.0), jnp.full(6, 0.3), jnp.zeros(6))
         _, acc, buf, log = all_save_while_loop(lambda c: c[0] < 5, body, init, max_steps=6,
-                                               store_inputs=store_inputs)
+                                               store_inputs=store_inputs, store=store)
         return acc + jnp.sum(buf) + 0.5 * jnp.sum(log)
 
     def unrolled(x):
@@ -170,8 +170,11 @@ def test_a_loop_buffer_that_is_read_is_kept():
 
     x = jnp.asarray(0.7)
     expected = jax.grad(unrolled)(x)
-    for store_inputs in (False, True):
-        np.testing.assert_allclose(jax.jit(jax.grad(lambda x: run(x, store_inputs)))(x), expected, rtol=1e-6)
+    # The outer loop storing residuals or each iteration's inputs (store="inputs" keeps buf, which
+    # the body reads, and drops log), and the re-running loop of store_inputs=True.
+    for store_inputs, store in ((False, "residuals"), (False, "inputs"), (True, "auto")):
+        grad = jax.jit(jax.grad(lambda x: run(x, store_inputs, store)))(x)
+        np.testing.assert_allclose(grad, expected, rtol=1e-6)
 
 
 def test_write_only_finds_the_saved_buffers(monkeypatch):
@@ -404,6 +407,84 @@ def test_bytes_round_trip_bit_for_bit(x64):
             assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
 
 
+def _ring(t, y, mu):
+    """Five Van der Pol oscillators pulled towards their neighbours: 10 components."""
+    x, v = y[0::2], y[1::2]
+    coupling = 0.1 * (jnp.roll(x, 1) - 2 * x + jnp.roll(x, -1))
+    return jnp.stack([v, mu * (1 - x**2) * v - x + coupling], axis=1).reshape(-1)
+
+
+def _ring_bytes(store, vmapped):
+    return fusedrk.AllSaveAdjoint.bytes_per_step(
+        diffrax.ODETerm(_ring), diffrax.Dopri5(), 0.0, 2.0, 0.05, jnp.ones(10), jnp.asarray(1.0), store=store,
+        vmapped=vmapped, stepsize_controller=diffrax.PIDController(rtol=1e-7, atol=1e-9),
+        saveat=diffrax.SaveAt(ts=jnp.linspace(0.0, 2.0, 11)), max_steps=64)
+
+
+def test_what_a_step_stores_alone_and_under_vmap():
+    # Inputs: the state and the FSAL derivative (10 floats each), a few scalars of time and
+    # controller, the ts array; not the 11 x 10 saved values, which the step only writes
+    # (found through the loop inside the step that saves them: _liveness._while_reads).
+    inputs = _ring_bytes("inputs", vmapped=False)
+    assert 2 * 10 * 4 <= inputs <= 2 * 10 * 4 + 11 * 4 + 24 * 8, inputs
+    residuals = _ring_bytes("residuals", vmapped=False)
+    assert residuals > 5 * inputs, (residuals, inputs)  # the stages' and the field's linearisations
+    assert _ring_bytes("auto", vmapped=False) == residuals
+    assert _ring_bytes("residuals", vmapped=True) == residuals
+    assert _ring_bytes("inputs", vmapped=True) == inputs
+    assert _ring_bytes("auto", vmapped=True) == (inputs if jax.default_backend() == "cpu" else residuals)
+
+
+def test_store_is_checked():
+    with pytest.raises(ValueError, match="'auto', 'residuals' or 'inputs'"):
+        fusedrk.AllSaveAdjoint(store="everything")
+
+
+@pytest.mark.parametrize("store", ["auto", "residuals", "inputs"])
+def test_each_store_under_vmap_and_alone_equals_direct_adjoint(x64, store):
+    # Lanes stop at different steps (mu from 0.5 to 3); every store gives DirectAdjoint's
+    # gradient, vmapped and one lane alone.
+    def loss(y0, mu, adjoint):
+        sol = diffrax.diffeqsolve(diffrax.ODETerm(_ring), diffrax.Dopri5(), 0.0, 2.0, 0.05, y0, mu, adjoint=adjoint,
+                                  stepsize_controller=diffrax.PIDController(rtol=1e-7, atol=1e-9),
+                                  saveat=diffrax.SaveAt(ts=jnp.linspace(0.0, 2.0, 5)), max_steps=128)
+        return jnp.sum(jnp.sin(sol.ys)), sol.stats["num_steps"]
+
+    def grads(adjoint, y0, mu, vmapped):
+        fn = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+        fn = jax.vmap(fn, in_axes=(0, 0, None)) if vmapped else fn
+        return jax.jit(fn, static_argnums=2)(y0, mu, adjoint)
+
+    y0 = 1.0 + 0.1 * jnp.arange(30.0).reshape(3, 10) / 30
+    mu = jnp.asarray([0.5, 1.5, 3.0])
+    (_, steps), ours = grads(fusedrk.AllSaveAdjoint(store=store), y0, mu, True)
+    (_, ref_steps), ref = grads(diffrax.DirectAdjoint(), y0, mu, True)
+    assert len(set(np.asarray(steps).tolist())) > 1
+    np.testing.assert_array_equal(steps, ref_steps)
+    assert_tree_close(ours, ref, rtol=1e-12)
+    (_, one_steps), one = grads(fusedrk.AllSaveAdjoint(store=store), y0[1], mu[1], False)
+    assert int(one_steps) == int(steps[1])
+    assert_tree_close(one, jax.tree_util.tree_map(lambda x: x[1], ref), rtol=1e-12)
+
+
+def test_storing_inputs_evaluates_each_step_once_more():
+    # store="inputs" (the default under jax.vmap on a CPU) linearises each step again from its
+    # stored inputs in the backward pass: the field's evaluations at most double, and no step
+    # is re-run from an earlier one (RecursiveCheckpointAdjoint's re-runs cost more).
+    counted = CountedField()
+
+    def count(adjoint, grad):
+        def loss(y0, k):
+            return jnp.sum(diffrax.diffeqsolve(diffrax.ODETerm(counted), diffrax.Tsit5(), 0.0, 2.0, 0.1, y0, k,
+                                               adjoint=adjoint, max_steps=64).ys)
+
+        return counted.count(jax.jit(jax.grad(loss, argnums=(0, 1)) if grad else loss), jnp.ones(2), jnp.asarray(0.5))
+
+    forward = count(fusedrk.AllSaveAdjoint(store="inputs"), grad=False)
+    assert forward > 20
+    assert forward < count(fusedrk.AllSaveAdjoint(store="inputs"), grad=True) <= 2 * forward
+
+
 def test_a_buffer_written_inside_a_nested_loop_is_write_only(monkeypatch):
     # log is written only, inside a while loop whose counter the body also uses: the loop's
     # other output is live, and log must still be found write-only (_liveness._while_reads
@@ -451,3 +532,21 @@ def test_liveness_follows_a_while_loop_carry_by_carry():
     assert {i, a, b, c, k, w} <= live
     live = _liveness.live_inputs(jaxpr, [jaxpr.outvars[2]])  # b, unchanged, is not even a carry
     assert b in live and not {i, a, c, w, k} & live
+
+
+_VMAPPED = [("tsit5-pid", "steps"), ("heun-fixed", "ts"), ("dopri5-pid", "t1"), ("euler-fixed", "ts")]
+
+
+@pytest.mark.parametrize("name, saveat", _VMAPPED, ids=[f"{n}-{s}" for n, s in _VMAPPED])
+def test_vmapped_gradients_equal_direct(x64, name, saveat):
+    # Under jax.vmap on a CPU each step stores its inputs (store="auto"): FSAL and non-FSAL
+    # tableaux, fixed and adaptive steps, saving at t1, at ts and at every step (whose buffer
+    # of max_steps saved states each step only writes, and does not store).
+    solver, controller = _SOLVERS[name]
+    saveat = {"t1": diffrax.SaveAt(t1=True), "ts": diffrax.SaveAt(ts=jnp.linspace(0.0, 2.0, 5)),
+              "steps": diffrax.SaveAt(steps=True)}[saveat]
+    scales = jnp.asarray([0.8, 1.0, 1.3])
+    ours = jax.vmap(_grads(solver, controller, saveat, fusedrk.AllSaveAdjoint()))(scales)
+    direct = _grads(solver, controller, saveat, diffrax.DirectAdjoint())
+    noise = 0.0 if isinstance(controller, diffrax.ConstantStepSize) else _rounding_spread(direct)
+    assert_tree_close(ours, jax.vmap(direct)(scales), rtol=max(1e-12, 10 * noise))
