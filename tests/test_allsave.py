@@ -177,28 +177,27 @@ def test_a_loop_buffer_that_is_read_is_kept():
         np.testing.assert_allclose(grad, expected, rtol=1e-6)
 
 
+def _write_only_found(monkeypatch, body, init):
+    """What ``_allsave._write_only`` finds for the loop ``while c[0] < 5: c = body(c)`` (the
+    outermost loop's answer when loops nest: it is asked last)."""
+    found = []
+    real = _allsave._write_only
+    monkeypatch.setattr(_allsave, "_write_only", lambda *a: found.append(real(*a)) or found[-1])
+    _allsave.all_save_while_loop(lambda c: c[0] < 5, body, init, max_steps=6, store_inputs=True)
+    return found[-1]
+
+
 def test_write_only_finds_the_saved_buffers(monkeypatch):
     # log is only ever written and acc only feeds its own next value (a running sum: its
     # pullback passes the cotangent through without reading it), so neither value is needed to
     # re-run the loop for its linearisation; buf is read back by the body.
-    from fusedrk import _allsave
-
-    seen = {}
-    real = _allsave._write_only
-
-    def spy(*a):
-        seen["found"] = real(*a)
-        return seen["found"]
-
     def body(c):
         i, acc, buf, log = c
         new = buf.at[i].set(jnp.sin(i + buf[jnp.maximum(i - 1, 0)]))
         return i + 1, acc + new[i], new, log.at[i].set(2.0 * i)
 
     init = (jnp.int32(0), jnp.asarray(0.0), jnp.zeros(6), jnp.zeros(6))
-    monkeypatch.setattr(_allsave, "_write_only", spy)
-    _allsave.all_save_while_loop(lambda c: c[0] < 5, body, init, max_steps=6, store_inputs=True)
-    assert seen["found"] == {0, 2}  # moving floats in order: acc, buf, log
+    assert _write_only_found(monkeypatch, body, init) == {0, 2}  # moving floats in order: acc, buf, log
 
 
 @pytest.mark.parametrize(
@@ -490,15 +489,6 @@ def test_a_buffer_written_inside_a_nested_loop_is_write_only(monkeypatch):
     # other output is live, and log must still be found write-only (_liveness._while_reads
     # follows a while loop carry by carry; counting every input of a live loop as read kept
     # diffrax's saved values in every stored step).
-    from fusedrk import _allsave
-
-    seen = {}
-    real = _allsave._write_only
-
-    def spy(*a):
-        seen["found"] = real(*a)
-        return seen["found"]
-
     def body(c):
         i, acc, log = c
         # As diffrax's loop saving at ts inside a step: an all-save loop itself.
@@ -507,9 +497,7 @@ def test_a_buffer_written_inside_a_nested_loop_is_write_only(monkeypatch):
         return i + 1, acc * 0.5 + jnp.sin(acc) * j, log
 
     init = (jnp.int32(0), jnp.asarray(0.3), jnp.zeros(6))
-    monkeypatch.setattr(_allsave, "_write_only", spy)
-    _allsave.all_save_while_loop(lambda c: c[0] < 5, body, init, max_steps=6, store_inputs=True)
-    assert seen["found"] == {1}  # moving floats in order: acc, log
+    assert _write_only_found(monkeypatch, body, init) == {1}  # moving floats in order: acc, log
 
 
 def test_liveness_follows_a_while_loop_carry_by_carry():
