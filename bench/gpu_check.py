@@ -17,7 +17,8 @@ after ``--budget-s`` seconds the remaining parts are skipped and listed as skipp
    accept/reject decisions, so the bar is the rounding envelope: the jax backend's own change
    when y0 moves by one ulp, times ``ENVELOPE_MULTIPLE``, plus the fixed-step bound; the
    fraction of lanes with equal step counts is reported.
-2. The performance targets, each with PASS/FAIL and its correctness figure beside it.
+2. The performance targets, each with PASS/FAIL and its correctness figure beside it, then
+   the reverse kernel's walk timed with and without its prefetch (``compare`` rows).
 3. diffrax's fastest adjoint on each target workload (extrapolated where marked).
 
 Exit status: 0 when every check and target passed, 1 otherwise.
@@ -507,6 +508,46 @@ def diffrax_parts(run: Run) -> list:
 # ------------------------------------------------------------------------------- the run
 
 
+def compare_pipelined_sweep(run: Run) -> None:
+    """The reverse kernel's walk with and without its one-row prefetch (``kernels/reverse.py``
+    PIPELINE), on two gradients whose reverse walks read a tape: seed-nl (float32, fixed steps,
+    2,250 lanes: few warps per SM to hide a load behind) and the float64 adaptive Lorenz of its
+    target. The measurement that keeps the prefetch or turns it off; both ways compute the
+    same gradient (the same operations, loaded earlier)."""
+    from fusedrk.kernels import reverse
+
+    p = problems.PROBLEMS["seed-nl"]
+    t1, B = run.size.seed_t1, run.size.seed_lanes
+    y0, _ = p.make(B, jnp.float32)
+    loss_of = _seed_loss(0.0, t1)
+    steps = int(round(t1 / p.dt0))
+    seed_nl = (lambda: jax.jit(jax.grad(lambda y: loss_of(run.solve(
+        p.field, y, 0.0, t1, dt0=p.dt0, max_steps=steps + 1, backend="pallas").ys))), (y0,), jnp.float32, steps,
+        f"seed-nl, {steps} steps x {B} lanes, jit(grad)")
+
+    def lorenz():
+        y, r, t1_, _, _, loss = _lorenz(run, run.size.adaptive_lanes, jnp.float64, adaptive=True)
+        return (lambda: jax.jit(jax.grad(lambda y, r: loss("pallas", y, r)[0], argnums=(0, 1))), (y, r), jnp.float64,
+                None, f"Lorenz, {run.size.adaptive_lanes} lanes, t in [0, {t1_}], rtol = atol = 1e-8, float64")
+
+    previous = reverse.PIPELINE
+    try:
+        for name, make in (("seed-nl", lambda: seed_nl), ("lorenz-adaptive-f64", lorenz)):
+            with jax.enable_x64(name.endswith("f64")):
+                build, args, dtype, steps_, what = make()
+                timings = {}
+                for pipelined in (True, False):
+                    reverse.PIPELINE = pipelined
+                    timings[pipelined] = _time(run, build(), *args)
+                diff = rel_err(timings[True].out, timings[False].out)
+                tol = FLOAT64_TOL if dtype == jnp.float64 else rounding_tol(jnp.float32, steps_)
+                run.record(part="compare", name=f"pipelined-sweep {name}", what=what,
+                           ms=timings[True].median_s * 1e3, ms_without=timings[False].median_s * 1e3,
+                           grad_rel_diff=diff, status="ok" if diff <= tol else "FAIL")
+    finally:
+        reverse.PIPELINE = previous
+
+
 def _out_of_time(run: Run, name: str) -> bool:
     if run.elapsed() > run.budget_s:
         run.record(part="skipped", name=name, status="skipped", reason=f"budget of {run.budget_s:.0f} s spent")
@@ -529,7 +570,8 @@ def parts(run: Run) -> list:
             ("target lorenz-forward", functools.partial(target_lorenz_forward, run)),
             ("target tape-traffic", functools.partial(target_tape_traffic, run)),
             ("target lorenz-adaptive-f64", functools.partial(target_lorenz_adaptive_f64, run)),
-            ("target big-adaptive", functools.partial(target_big_adaptive, run))]
+            ("target big-adaptive", functools.partial(target_big_adaptive, run)),
+            ("compare pipelined-sweep", functools.partial(compare_pipelined_sweep, run))]
     return out + diffrax_parts(run)
 
 
@@ -554,6 +596,7 @@ def table(rows: list) -> str:
             continue
         if "ms" in r:
             timing = f"{r['ms']:.2f}" + (f" ({r['limit_ms']:g})" if "limit_ms" in r else "")
+            timing += f"; without: {r['ms_without']:.2f}" if "ms_without" in r else ""
         elif "ratio" in r:
             timing = f"tape {r['tape_gbps']:.0f} GB/s = {r['ratio']:.0%} of copy {r['copy_gbps']:.0f} GB/s (70%)"
         else:
@@ -561,7 +604,7 @@ def table(rows: list) -> str:
         if r["name"] in diffrax:
             d = diffrax[r["name"]]
             timing += f"; diffrax {d['adjoint']} {d['ms']:.0f} ms{' (extrapolated)' if d['extrapolated'] else ''}"
-        figures = [f"{k} {_short(r[k])}" for k in ("ys_rel_err", "grad_rel_err", "equal_steps_fraction",
+        figures = [f"{k} {_short(r[k])}" for k in ("ys_rel_err", "grad_rel_err", "grad_rel_diff", "equal_steps_fraction",
                                                   "equal_steps", "tol_ys", "tol_grad", "tol", "peak_gb",
                                                   "device_gb", "replayed_max") if r.get(k) is not None]
         lines.append(f"| {r['part']} | {r['name']} | {r['status']} | {timing} | {', '.join(figures) or r.get('error', '')} |")

@@ -100,7 +100,7 @@ def forward_loop(carry, *, rows: int, tape_rows, keep_going: Callable, step: Cal
 
 
 def reverse_loop(num_iters, tape_rows: int, carry, *, replay: Callable, sweep: Callable,
-                 around_replays: Callable | None = None):
+                 around_replays: Callable | None = None, load: Callable | None = None):
     """Visit iterations n = num_iters - 1 .. 0 with ``carry = sweep(carry, n, row)``.
 
     After the forward loop the ring holds the last R iterations (iteration n in row n mod R,
@@ -111,6 +111,11 @@ def reverse_loop(num_iters, tape_rows: int, carry, *, replay: Callable, sweep: C
     the first of these replays may stop short of a whole segment; together they re-run
     ``replayed_iterations(num_iters, tape_rows)`` iterations.
 
+    ``load(row)``, if given, reads what a sweep needs of a ring row, and the loop is software
+    pipelined: ``carry = sweep(carry, n, row, load(row))``, where each iteration first issues
+    the loads of the row it visits next (the last one's again at the end of a run), so that
+    they are in flight while this iteration computes. Every row it loads lies in 0 .. R - 1.
+
     ``around_replays(run, num_replayed_segments, carry) -> carry``, if given, runs the replay
     phase ``run(carry)`` itself: the jax backend skips it when nothing is replayed and gives
     it a ring of its own (see fusedrk/_reference.py ``backward``).
@@ -119,11 +124,23 @@ def reverse_loop(num_iters, tape_rows: int, carry, *, replay: Callable, sweep: C
     num_iters = jnp.asarray(num_iters, jnp.int32)
     first_in_ring = jnp.maximum(num_iters - R, 0)
 
-    def from_ring(i, c):
-        n = num_iters - 1 - i
-        return sweep(c, n, n % R)
+    def visit(c, count, n_of, row_of):
+        """Sweep iterations n_of(0), n_of(1), ... (count of them), in rows row_of(i)."""
+        if load is None:
+            return lax.fori_loop(jnp.int32(0), count, lambda i, c: sweep(c, n_of(i), row_of(i)), c)
 
-    carry = lax.fori_loop(jnp.int32(0), num_iters - first_in_ring, from_ring, carry)
+        def row_at(i):
+            return jnp.clip(row_of(jnp.clip(i, 0, jnp.maximum(count - 1, 0))), 0, R - 1)
+
+        def body(i, s):
+            c, current = s
+            following = load(row_at(i + 1))
+            return sweep(c, n_of(i), row_of(i), current), following
+
+        c, _ = lax.fori_loop(jnp.int32(0), count, body, (c, load(row_at(jnp.int32(0)))))
+        return c
+
+    carry = visit(carry, num_iters - first_in_ring, lambda i: num_iters - 1 - i, lambda i: (num_iters - 1 - i) % R)
     replayed_segments = num_segments(first_in_ring, R)
 
     def segment(j, c):
@@ -131,12 +148,7 @@ def reverse_loop(num_iters, tape_rows: int, carry, *, replay: Callable, sweep: C
         start = s * R
         stop = jnp.minimum(start + R, first_in_ring)
         c = replay(c, s, start, stop - start)
-
-        def one(i, c):
-            n = stop - 1 - i
-            return sweep(c, n, n - start)
-
-        return lax.fori_loop(jnp.int32(0), stop - start, one, c)
+        return visit(c, stop - start, lambda i: stop - 1 - i, lambda i: stop - 1 - i - start)
 
     def run(c):
         return lax.fori_loop(jnp.int32(0), replayed_segments, segment, c)

@@ -6,7 +6,11 @@ from the ring; each earlier one after re-running it once from a checkpoint into 
 injects the cotangents of outputs saved in iteration n, and calls
 ``fusedrk._step.tsit5_step_vjp`` on the stored start state and increments (masked to accepted
 steps; with fixed steps the interval and the accepted lanes are computed from n:
-``fusedrk._reference.fixed_row``). Outputs: cotangents of y0, of per-lane arguments ([B]) and per-tile partial
+``fusedrk._reference.fixed_row``). The walk is software pipelined: each step first issues the
+loads of the row the walk visits next (``load_row``), which then travel while the step's VJP
+computes (a program of a small batch has few warps to hide a load's latency behind; Triton's
+own pipelining, ``num_stages=2``, left these loops unchanged: same PTX, deviceless compile of
+seed-nl, 2026-12-07). Outputs: cotangents of y0, of per-lane arguments ([B]) and per-tile partial
 sums of shared arguments' cotangents (accumulated per lane during the walk, summed over the
 tile once at its end, and over tiles outside).
 
@@ -33,6 +37,12 @@ from fusedrk._tableau import NUM_STAGES
 from . import _triton
 from ._problem import TileProblem, pad_lanes
 from .forward import KernelForward, Scalars, attempt, read_checkpoint, time_scalars, write_row
+
+# Whether the walk prefetches the next row (see the module's docstring). Unmeasured on a GPU
+# so far: it costs registers (deviceless H100 compile, reverse kernel, 2026-12-07: seed-nl
+# float32 48 -> 56, Lorenz float64 adaptive 198 -> 238, no spills; the float64 adaptive test
+# oscillator 154 -> 168 with 44 B of spill stores), and ``bench/gpu_check.py`` times both ways.
+PIPELINE = True
 
 
 def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff: list, nondiff: list,
@@ -160,12 +170,24 @@ def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff
             _triton.barrier(interpret)
             return c
 
-        def sweep(c, n, row):
+        def load_row(row):
+            """What the sweep reads of ring row ``row``. The walk issues these loads one
+            iteration ahead (``_schedule.reverse_loop``'s ``load``), so that they travel
+            while the step before them computes its VJP."""
+            loaded = {}
+            if config.adaptive:
+                loaded["mask"] = accepted_ref[row, lanes] != 0
+                loaded["tprev"] = times_ref[row, jnp.int32(0), lanes]
+                loaded["tnext"] = times_ref[row, jnp.int32(1), lanes]
+            if config.tape_state:
+                loaded["stored"] = [tuple(states_ref[row, jnp.int32(s * L + leaf), lanes] for leaf in range(L))
+                                    for s in range(1 + TAPE_STAGES)]
+            return loaded
+
+        def sweep(c, n, row, loaded):
             y_bar, f_bar, args_bar, top, t_above = c
             if config.adaptive:
-                mask = accepted_ref[row, lanes] != 0
-                tprev = times_ref[row, jnp.int32(0), lanes]
-                tnext = times_ref[row, jnp.int32(1), lanes]
+                mask, tprev, tnext = loaded["mask"], loaded["tprev"], loaded["tnext"]
             else:  # nothing stored: shared times and the lanes still accepting at n
                 # The walk visits n = N-1, N-2, ... in turn, and iteration n ends where n + 1
                 # starts (bit for bit: fixed_interval's tnext never exceeds t_end): carried,
@@ -173,8 +195,7 @@ def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff
                 tprev, _, mask = fixed_row(k, n, num_accepted)
                 tnext, t_above = t_above, tprev
             if config.tape_state:
-                stored = [tuple(states_ref[row, jnp.int32(s * L + leaf), lanes] for leaf in range(L))
-                          for s in range(1 + TAPE_STAGES)]
+                stored = loaded["stored"]
             else:  # the field's VJP does not read the stage inputs built from these
                 stored = [zeros] * (1 + TAPE_STAGES)
             top, y0_bar_saves, k_bars = inject(n, tprev, tnext, top)
@@ -193,8 +214,13 @@ def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff
         num_iters = iters_ref[_triton.program_index()]
         t_last_end = (k.t_end if config.adaptive else
                       fixed_row(k, num_iters - 1, num_accepted)[1])  # tnext of the last iteration
+        # Without a prefetch each step loads its own row first (fixed steps with no state on
+        # the tape load nothing).
+        prefetch = PIPELINE and (config.adaptive or config.tape_state)
         y_bar, f_bar, args_bar, _, _ = _schedule.reverse_loop(
-            num_iters, R, (y_bar, zeros, args_bar, jnp.int32(T - 1), t_last_end), replay=replay, sweep=sweep,
+            num_iters, R, (y_bar, zeros, args_bar, jnp.int32(T - 1), t_last_end),
+            replay=replay, sweep=sweep if prefetch else (lambda c, n, row: sweep(c, n, row, load_row(row))),
+            load=load_row if prefetch else None,
         )
         # The first step's FSAL stage: the field at the initial point.
         start_y_bar, start_args_bar = field_vjp(jnp.full((TB,), k.t_start), y_init, f_bar)

@@ -119,6 +119,10 @@ MUTANTS = [
     Mutant("fusedrk/_shard.py", "jnp.concatenate([x, jnp.repeat(x[-1:], extra, axis=0)])",
            "jnp.concatenate([x, jnp.zeros((extra,) + x.shape[1:], x.dtype)])", KERNELS,
            "padded lanes start at zero: a field NaN there poisons shared cotangents"),
+    # -- the reverse kernel's pipelined sweep (2026-12-07)
+    Mutant("fusedrk/_schedule.py", "            following = load(row_at(i + 1))",
+           "            following = load(row_at(i))", KERNELS,
+           "the pipelined reverse sweep loads the row it is on again instead of the next"),
     # -- AllSaveAdjoint
     Mutant("fusedrk/_allsave.py", "            return (row - 1, *pull(row, row < lane_n, f_bar, k_bar))",
            "            return (row - 2, *pull(row, row < lane_n, f_bar, k_bar))", ALLSAVE,

@@ -112,6 +112,9 @@ def test_gpu_check_quick_interpret_runs_every_target_and_each_kind_of_check(tmp_
     assert targets["lorenz-vector"]["grad_rel_err"] == 0.0  # one program for the [B, 3] and tuple forms
     assert {r["name"] for r in rows if r["part"] == "diffrax"} == set(targets) - {"tape-traffic", "big-adaptive",
                                                                                    "lorenz-vector"}
+    compared = {r["name"]: r for r in rows if r["part"] == "compare"}
+    assert set(compared) == {"pipelined-sweep seed-nl", "pipelined-sweep lorenz-adaptive-f64"}
+    assert all(r["status"] == "ok" and r["grad_rel_diff"] == 0.0 for r in compared.values()), compared
     log = (tmp_path / "log.txt").read_text()
     assert "-- target seed" in log and "| check | f32-fixed-t1 | PASS |" in (tmp_path / "table.md").read_text()
 

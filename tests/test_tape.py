@@ -485,3 +485,54 @@ def test_the_lean_loops_under_vmap_equal_separate_solves(x64):
         for i, t1 in enumerate(t1s):
             assert_tree_close(ys[i], solve(t1, y0, a).ys, F64_TOL)
             assert_tree_close((grads[0][i], grads[1][i]), jax.grad(loss, argnums=(1, 2))(t1, y0, a), F64_TOL)
+
+
+@pytest.mark.parametrize("num_iters, R", [(0, 3), (1, 3), (3, 3), (7, 3), (8, 3), (9, 1), (5, 8)])
+def test_the_pipelined_reverse_walk_visits_what_the_plain_one_does(num_iters, R):
+    # _schedule.reverse_loop with ``load`` (the reverse kernel's prefetch) must visit the same
+    # (n, row) in the same order as without it, hand each visit load(row) of its own row, and
+    # load only rows 0 .. R - 1. The ring's content stands for "written by the latest replay".
+    N = 16
+
+    def walk(pipelined):
+        def replay(c, segment, start, count):
+            ring = jnp.where(jnp.arange(R) < count, 1000 * (segment + 1) + jnp.arange(R), -1)
+            return {**c, "ring": ring}
+
+        def record(c, n, row, got):
+            i = c["i"]
+            return {**c, "i": i + 1, "n": c["n"].at[i].set(n), "row": c["row"].at[i].set(row),
+                    "got": c["got"].at[i].set(got), "bad": c["bad"]}
+
+        def load(row):
+            return ring_ref[0]["ring"][row], (row < 0) | (row >= R)
+
+        ring_ref = [None]
+
+        def sweep_plain(c, n, row):
+            return record(c, n, row, c["ring"][row])
+
+        def sweep_pipelined(c, n, row, loaded):
+            value, out_of_range = loaded
+            return {**record(c, n, row, value), "bad": c["bad"] | out_of_range}
+
+        carry = {"i": jnp.int32(0), "n": jnp.full(N, -9), "row": jnp.full(N, -9), "got": jnp.full(N, -9),
+                 "ring": 7 * jnp.arange(R), "bad": jnp.asarray(False)}
+        if not pipelined:
+            return _schedule.reverse_loop(num_iters, R, carry, replay=replay, sweep=sweep_plain)
+
+        # load() reads the ring as the latest replay left it (the kernel's ring is memory).
+        def replay_and_remember(c, segment, start, count):
+            c = replay(c, segment, start, count)
+            ring_ref[0] = c
+            return c
+
+        ring_ref[0] = carry
+        return _schedule.reverse_loop(num_iters, R, carry, replay=replay_and_remember, sweep=sweep_pipelined,
+                                      load=load)
+
+    plain, pipelined = walk(False), walk(True)
+    assert not bool(pipelined["bad"])
+    for key in ("i", "n", "row", "got"):
+        np.testing.assert_array_equal(pipelined[key], plain[key], err_msg=key)
+    assert int(plain["i"]) == num_iters
