@@ -18,7 +18,8 @@ after ``--budget-s`` seconds the remaining parts are skipped and listed as skipp
    when y0 moves by one ulp, times ``ENVELOPE_MULTIPLE``, plus the fixed-step bound; the
    fraction of lanes with equal step counts is reported.
 2. The performance targets, each with PASS/FAIL and its correctness figure beside it, then
-   the reverse kernel's walk timed with and without its prefetch (``compare`` rows).
+   the reverse kernel's walk timed with and without its prefetch, and the seeds' gradients at
+   four launch shapes (``compare`` rows).
 3. diffrax's fastest adjoint on each target workload (extrapolated where marked).
 
 Exit status: 0 when every check and target passed, 1 otherwise.
@@ -548,6 +549,40 @@ def compare_pipelined_sweep(run: Run) -> None:
         reverse.PIPELINE = previous
 
 
+def compare_launch_shapes(run: Run) -> None:
+    """The seed and seed-nl gradients (2,250 lanes) at 16, 32, 64 and 128 lanes per program,
+    one lane per thread (1, 1, 2 and 4 warps; 128 and 4 is the default launch): 141, 71, 36 and
+    18 programs on the GPU's SMs. The measurement issue 12 asks for before lanes per program
+    are chosen from B and the SM count (``kernels/_triton.py``). Every launch computes the same
+    gradient (the same per-lane arithmetic; neither workload has a shared argument)."""
+    from fusedrk.kernels import _triton
+
+    shapes = [(16, 1), (128, 4)] if run.quick else [(16, 1), (32, 1), (64, 2), (128, 4)]
+    previous = _triton.LAUNCH_OVERRIDE
+    try:
+        for name in ("seed", "seed-nl"):
+            p = problems.PROBLEMS[name]
+            t1, B = run.size.seed_t1, run.size.seed_lanes
+            steps = int(round(t1 / p.dt0))
+            y0, _ = p.make(B, jnp.float32)
+            loss_of = _seed_loss(0.0, t1)
+            timings = {}
+            for tile, warps in shapes:
+                _triton.LAUNCH_OVERRIDE = _triton.LaunchConfig(lane_tile=tile, num_warps=warps)
+                fn = jax.jit(jax.grad(lambda y: loss_of(run.solve(
+                    p.field, y, 0.0, t1, dt0=p.dt0, max_steps=steps + 1, backend="pallas").ys)))
+                timings[tile, warps] = _time(run, fn, y0)
+            default = timings[128, 4].out
+            for (tile, warps), t in timings.items():
+                diff = rel_err(t.out, default)
+                run.record(part="compare", name=f"launch {name} {tile} lanes {warps} warps",
+                           what=f"{steps} steps x {B} lanes, jit(grad), {-(-B // tile)} programs",
+                           ms=t.median_s * 1e3, compile_s=t.compile_s, grad_rel_diff=diff,
+                           status="ok" if diff <= rounding_tol(jnp.float32, steps) else "FAIL")
+    finally:
+        _triton.LAUNCH_OVERRIDE = previous
+
+
 def _out_of_time(run: Run, name: str) -> bool:
     if run.elapsed() > run.budget_s:
         run.record(part="skipped", name=name, status="skipped", reason=f"budget of {run.budget_s:.0f} s spent")
@@ -571,7 +606,8 @@ def parts(run: Run) -> list:
             ("target tape-traffic", functools.partial(target_tape_traffic, run)),
             ("target lorenz-adaptive-f64", functools.partial(target_lorenz_adaptive_f64, run)),
             ("target big-adaptive", functools.partial(target_big_adaptive, run)),
-            ("compare pipelined-sweep", functools.partial(compare_pipelined_sweep, run))]
+            ("compare pipelined-sweep", functools.partial(compare_pipelined_sweep, run)),
+            ("compare launch-shapes", functools.partial(compare_launch_shapes, run))]
     return out + diffrax_parts(run)
 
 

@@ -56,7 +56,17 @@ MIN_LANE_TILE = 16
 BLOCK_WARPS = 8
 
 
+# For measurement only: a launch every kernel of a field without block values takes instead
+# of choose_launch's (bench/gpu_check.py's launch sweep sets it around one solve). Issue 12
+# asks for lanes per program chosen from B and the SM count: a batch of 2,250 lanes makes 18
+# programs of 128 on an H100's 132 SMs; whether smaller tiles (more programs, fewer warps
+# each) run its latency-bound loops faster is what the sweep measures. None in normal use.
+LAUNCH_OVERRIDE: Optional[LaunchConfig] = None
+
+
 def choose_launch(batch: int, blocks: bool = False) -> LaunchConfig:
+    if LAUNCH_OVERRIDE is not None and not blocks:
+        return LAUNCH_OVERRIDE
     tile = MIN_LANE_TILE
     while tile < min(batch, MIN_LANE_TILE if blocks else MAX_LANE_TILE):
         tile *= 2

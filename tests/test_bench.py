@@ -113,7 +113,8 @@ def test_gpu_check_quick_interpret_runs_every_target_and_each_kind_of_check(tmp_
     assert {r["name"] for r in rows if r["part"] == "diffrax"} == set(targets) - {"tape-traffic", "big-adaptive",
                                                                                    "lorenz-vector"}
     compared = {r["name"]: r for r in rows if r["part"] == "compare"}
-    assert set(compared) == {"pipelined-sweep seed-nl", "pipelined-sweep lorenz-adaptive-f64"}
+    launches = {f"launch {w} {t} lanes {n} warps" for w in ("seed", "seed-nl") for t, n in ((16, 1), (128, 4))}
+    assert set(compared) == {"pipelined-sweep seed-nl", "pipelined-sweep lorenz-adaptive-f64", *launches}
     assert all(r["status"] == "ok" and r["grad_rel_diff"] == 0.0 for r in compared.values()), compared
     log = (tmp_path / "log.txt").read_text()
     assert "-- target seed" in log and "| check | f32-fixed-t1 | PASS |" in (tmp_path / "table.md").read_text()
