@@ -109,7 +109,8 @@ MUTANTS = [
     # -- kernels
     Mutant("kernels/forward.py", "        mask = accept & (j >= index) & (t_save <= tnext)",
            "        mask = accept & (t_save <= tnext)", KERNELS, "a lane overwrites a save it already made"),
-    Mutant("kernels/reverse.py", "            mask = accepted_ref[row, lanes] != 0", "            mask = accepted_ref[row, lanes] == 0",
+    Mutant("kernels/reverse.py", '                loaded["mask"] = accepted_ref[row, lanes] != 0',
+           '                loaded["mask"] = accepted_ref[row, lanes] == 0',
            KERNELS, "the reverse kernel sweeps rejected steps"),
     Mutant("kernels/reverse.py", "                    return (s[0] >= 0) & (save_at_ref[j] >= n)",
            "                    return (s[0] >= 0) & (save_at_ref[j] > n)", KERNELS,
