@@ -162,6 +162,22 @@ def _seed_loss(t0, t1):
     return lambda ys: scale * jnp.sum(ys)
 
 
+def _seed_workload(run: "Run", name: str):
+    """(y0, steps, grad_of) for the seed or seed-nl at the run's size: ``grad_of(backend)`` is a
+    fresh jit(grad) of the target's loss (traced anew: a flag the kernels read then applies)."""
+    p = problems.PROBLEMS[name]
+    t1 = run.size.seed_t1
+    steps = int(round(t1 / p.dt0))
+    y0, _ = p.make(run.size.seed_lanes, jnp.float32)
+    loss_of = _seed_loss(0.0, t1)
+
+    def grad_of(backend):
+        return jax.jit(jax.grad(lambda y: loss_of(run.solve(p.field, y, 0.0, t1, dt0=p.dt0, max_steps=steps + 1,
+                                                            backend=backend).ys)))
+
+    return y0, steps, grad_of
+
+
 def correctness_cases(quick: bool) -> list:
     size = QUICK if quick else FULL
     D, V, L, S = problems.DECAY, problems.VDP, problems.LORENZ, problems.SEED
@@ -271,21 +287,14 @@ def _verdict(run: Run, measured, limit, correct: bool, higher_is_better=False):
 
 def target_seed(run: Run, name: str) -> None:
     p = problems.PROBLEMS[name]
-    t1 = run.size.seed_t1
-    steps = int(round(t1 / p.dt0))
     B = run.size.seed_lanes
     limit = {"seed": 30.0, "seed-nl": 60.0}[name]
-    y0, _ = p.make(B, jnp.float32)
-    loss_of = _seed_loss(0.0, t1)
-
-    def loss(backend, y):
-        return loss_of(run.solve(p.field, y, 0.0, t1, dt0=p.dt0, max_steps=steps + 1, backend=backend).ys)
-
-    t = _time(run, jax.jit(jax.grad(functools.partial(loss, "pallas"))), y0)
+    y0, steps, grad_of = _seed_workload(run, name)
+    t = _time(run, grad_of("pallas"), y0)
     if name == "seed" and "seed-check" in run.cache:
         ys_err, grad_err = run.cache["seed-check"]
     else:  # seed-nl: its gradient against the jax backend on the same device, full length
-        grad_err = rel_err(t.out, jax.jit(jax.grad(functools.partial(loss, "jax")))(y0))
+        grad_err = rel_err(t.out, grad_of("jax")(y0))
         ys_err = None
     tol = rounding_tol(jnp.float32, steps)
     correct = grad_err <= tol
@@ -517,14 +526,9 @@ def compare_pipelined_sweep(run: Run) -> None:
     same gradient (the same operations, loaded earlier)."""
     from fusedrk.kernels import reverse
 
-    p = problems.PROBLEMS["seed-nl"]
-    t1, B = run.size.seed_t1, run.size.seed_lanes
-    y0, _ = p.make(B, jnp.float32)
-    loss_of = _seed_loss(0.0, t1)
-    steps = int(round(t1 / p.dt0))
-    seed_nl = (lambda: jax.jit(jax.grad(lambda y: loss_of(run.solve(
-        p.field, y, 0.0, t1, dt0=p.dt0, max_steps=steps + 1, backend="pallas").ys))), (y0,), jnp.float32, steps,
-        f"seed-nl, {steps} steps x {B} lanes, jit(grad)")
+    y0, steps, grad_of = _seed_workload(run, "seed-nl")
+    seed_nl = (lambda: grad_of("pallas"), (y0,), jnp.float32, steps,
+               f"seed-nl, {steps} steps x {run.size.seed_lanes} lanes, jit(grad)")
 
     def lorenz():
         y, r, t1_, _, _, loss = _lorenz(run, run.size.adaptive_lanes, jnp.float64, adaptive=True)
@@ -551,27 +555,23 @@ def compare_pipelined_sweep(run: Run) -> None:
 
 def compare_launch_shapes(run: Run) -> None:
     """The seed and seed-nl gradients (2,250 lanes) at 16, 32, 64 and 128 lanes per program,
-    one lane per thread (1, 1, 2 and 4 warps; 128 and 4 is the default launch): 141, 71, 36 and
-    18 programs on the GPU's SMs. The measurement issue 12 asks for before lanes per program
-    are chosen from B and the SM count (``kernels/_triton.py``). Every launch computes the same
-    gradient (the same per-lane arithmetic; neither workload has a shared argument)."""
+    with 1, 1, 2 and 4 warps (a warp per 32 lanes; 16 lanes leave half a warp idle; 128 and 4
+    is the default launch): 141, 71, 36 and 18 programs on the GPU's SMs. The measurement issue
+    12 asks for before lanes per program are chosen from B and the SM count
+    (``kernels/_triton.py``). Every launch computes the same gradient (the same per-lane
+    arithmetic; neither workload has a shared argument)."""
     from fusedrk.kernels import _triton
 
     shapes = [(16, 1), (128, 4)] if run.quick else [(16, 1), (32, 1), (64, 2), (128, 4)]
     previous = _triton.LAUNCH_OVERRIDE
     try:
         for name in ("seed", "seed-nl"):
-            p = problems.PROBLEMS[name]
-            t1, B = run.size.seed_t1, run.size.seed_lanes
-            steps = int(round(t1 / p.dt0))
-            y0, _ = p.make(B, jnp.float32)
-            loss_of = _seed_loss(0.0, t1)
+            B = run.size.seed_lanes
+            y0, steps, grad_of = _seed_workload(run, name)
             timings = {}
             for tile, warps in shapes:
                 _triton.LAUNCH_OVERRIDE = _triton.LaunchConfig(lane_tile=tile, num_warps=warps)
-                fn = jax.jit(jax.grad(lambda y: loss_of(run.solve(
-                    p.field, y, 0.0, t1, dt0=p.dt0, max_steps=steps + 1, backend="pallas").ys)))
-                timings[tile, warps] = _time(run, fn, y0)
+                timings[tile, warps] = _time(run, grad_of("pallas"), y0)
             default = timings[128, 4].out
             for (tile, warps), t in timings.items():
                 diff = rel_err(t.out, default)

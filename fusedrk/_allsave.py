@@ -5,7 +5,7 @@ residuals of the loop body's linearisation (what ``jax.vjp`` of one solver step 
 values, controller decisions, save indices) in buffers of ``max_steps`` rows (one row per
 dtype), and whose backward pass applies those stored linearisations in reverse order: time
 O(n), memory O(max_steps) (on a CPU left uninitialised: see _uninitialised.py), and no
-step is ever re-run. ``AllSaveAdjoint`` plugs it into
+step is ever re-run from an earlier one. ``AllSaveAdjoint`` plugs it into
 ``diffrax.diffeqsolve`` as the outer loop and as the loop that saves at ``ts`` inside a
 step; any explicit solver, step-size controller and SaveAt that diffrax supports work.
 Under ``jax.vmap`` on XLA:CPU (``store="auto"``) the outer loop stores each iteration's
@@ -266,7 +266,7 @@ def _scalars_to_arrays(tree):
 def all_save_while_loop(cond_fun, body_fun, init_val, *, max_steps: int, recorder=None, store_inputs=False,
                         store="auto"):
     """``lax.while_loop`` (bounded by max_steps) whose reverse mode stores every iteration's
-    linearisation and replays none of them.
+    linearisation (or its inputs: ``store``) and replays no iteration from an earlier one.
 
     ``store`` (see ``AllSaveAdjoint``): "residuals", each iteration's linearisation; "inputs",
     each iteration's inputs (less the write-only buffers), linearised again one by one in the
@@ -280,6 +280,8 @@ def all_save_while_loop(cond_fun, body_fun, init_val, *, max_steps: int, recorde
     usually runs zero or one iteration, and stored in full it would keep ``len(ts)`` rows in
     every outer step's residuals (2 kB of the 2.3 kB a step of a 2-component solve saving 11
     times stored)."""
+    if store not in ("auto", "residuals", "inputs"):
+        raise ValueError(f"store must be 'auto', 'residuals' or 'inputs', got {store!r}")
     init_val = _scalars_to_arrays(init_val)
     floats0, arrays0, meta = _split(init_val)
 
@@ -347,7 +349,8 @@ def all_save_while_loop(cond_fun, body_fun, init_val, *, max_steps: int, recorde
 
     def loop(floats, consts, arrays, other_consts, cond_consts, buffers, packed=False, record="residuals"):
         """The iterations; with ``buffers``, each also writes its linearisation's residuals
-        into row n (one row per dtype: a few writes per iteration, not one per residual).
+        (``record="inputs"``: its inputs) into row n (one row per dtype: a few writes per
+        iteration, not one per residual).
 
         Under jax.vmap the lanes stop at different iterations. The loop runs while any lane
         goes on, with one shared counter n, and a lane that has stopped keeps its carry (its
@@ -529,29 +532,34 @@ def all_save_while_loop(cond_fun, body_fun, init_val, *, max_steps: int, recorde
     # 0.4 kB of inputs; under jax.vmap over 64 lanes (max_steps 256) its gradient took 88.5 ms
     # with residuals, 31.6 ms with inputs, against 39.8 ms for
     # RecursiveCheckpointAdjoint(checkpoints=max_steps) (README "For diffrax users").
-    unbatched_mode = "inputs" if store == "inputs" else ("packed" if small else "residuals")
-    vmapped_mode = "inputs" if store == "inputs" or (store == "auto" and jax.default_backend() == "cpu") else "residuals"
-    modes = {unbatched_mode, vmapped_mode}
+    # "auto" stores inputs only where they are fewer bytes than the residuals (not so for a
+    # field linear in the state, whose linearisation keeps little).
     input_bytes = None
-    if "inputs" in modes:
+    if store == "inputs" or (store == "auto" and jax.default_backend() == "cpu"):
         write_only = _write_only(step, moving0, float_consts, arrays0, other_consts)
         live = [i for i in range(len(moving0)) if i not in write_only]
         input_shapes = [*(_spec(moving0[i]) for i in live), *map(_spec, arrays0)]
         in_pack, in_unpack, in_row_shapes = _packer(input_shapes)
         input_bytes = _residual_bytes(input_shapes)
+    unbatched_mode = "inputs" if store == "inputs" else ("packed" if small else "residuals")
+    vmapped_mode = "inputs" if store == "inputs" or (input_bytes is not None and input_bytes < per_step) else "residuals"
+    modes = {unbatched_mode, vmapped_mode}
     if recorder is not None:
-        recorder.packed = small
+        recorder.packed = unbatched_mode == "packed"
         recorder.bytes_per_step = input_bytes if unbatched_mode == "inputs" else per_step
         recorder.bytes_per_step_vmapped = input_bytes if vmapped_mode == "inputs" else per_step
     stored = {mode: input_bytes if mode == "inputs" else per_step for mode in modes}
     run = jax.custom_vjp(plain)
 
     def run_fwd(floats, consts, arrays, other_consts, cond_consts):
-        needed, available = max(stored.values()) * max_steps, _device_memory_bytes()
+        # The rows of both modes are allocated when the choice is left to jax.vmap (on a CPU,
+        # uninitialised: address space, and one set is written).
+        per_step_allocated = sum(stored.values())
+        needed, available = per_step_allocated * max_steps, _device_memory_bytes()
         if needed > available:
             raise MemoryError(
-                f"AllSaveAdjoint needs {max(stored.values())} bytes per step x max_steps={max_steps} = "
-                f"{needed / 2**30:.2f} GiB of residuals, more than the device's {available / 2**30:.2f} "
+                f"AllSaveAdjoint needs {per_step_allocated} bytes per step x max_steps={max_steps} = "
+                f"{needed / 2**30:.2f} GiB of stored rows, more than the device's {available / 2**30:.2f} "
                 "GiB; lower max_steps or use diffrax.RecursiveCheckpointAdjoint"
             )
         # Rows past the last iteration are never read: left unwritten, they cost no time.
@@ -850,11 +858,12 @@ class AllSaveAdjoint(diffrax.AbstractAdjoint):
       an earlier one (``RecursiveCheckpointAdjoint`` re-runs from checkpoints, through
       diffrax's stage loop). Far fewer bytes for a state-dependent field: 391 against 4,452
       per step for a 20-component Van der Pol ring with Dopri5.
-    - ``"auto"`` (default): inputs under ``jax.vmap`` on a CPU, residuals otherwise. On a
-      CPU every lane's rows are written to memory fresh from the operating system on each
-      call, and there the bytes cost more than the recomputation (README "For diffrax
-      users"); a single solve keeps the residuals. Not yet measured on a GPU, so there it
-      keeps the residuals.
+    - ``"auto"`` (default): inputs under ``jax.vmap`` on a CPU when they are fewer bytes than
+      the residuals, residuals otherwise (the rows of both are then allocated, on a CPU
+      uninitialised, and one set is written). On a CPU every lane's rows are written to
+      memory fresh from the operating system on each call, and there the bytes cost more than
+      the recomputation (README "For diffrax users"); a single solve keeps the residuals. Not
+      yet measured on a GPU, so there it keeps the residuals.
 
     Works with explicit solvers (Tsit5, Dopri5, Dopri8, Heun, Euler, ...), ConstantStepSize or
     PIDController, SaveAt(t0/t1/ts/steps), pytree states and args. Reverse mode only: for
