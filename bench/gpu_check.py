@@ -526,29 +526,28 @@ def compare_pipelined_sweep(run: Run) -> None:
     same gradient (the same operations, loaded earlier)."""
     from fusedrk.kernels import reverse
 
-    y0, steps, grad_of = _seed_workload(run, "seed-nl")
-    seed_nl = (lambda: grad_of("pallas"), (y0,), jnp.float32, steps,
-               f"seed-nl, {steps} steps x {run.size.seed_lanes} lanes, jit(grad)")
-
-    def lorenz():
-        y, r, t1_, _, _, loss = _lorenz(run, run.size.adaptive_lanes, jnp.float64, adaptive=True)
-        return (lambda: jax.jit(jax.grad(lambda y, r: loss("pallas", y, r)[0], argnums=(0, 1))), (y, r), jnp.float64,
-                None, f"Lorenz, {run.size.adaptive_lanes} lanes, t in [0, {t1_}], rtol = atol = 1e-8, float64")
+    def both_ways(name, build, args, tol, what):
+        """Time ``build()`` (a fresh jit, traced with the flag as set) with and without."""
+        timings = {}
+        for pipelined in (True, False):
+            reverse.PIPELINE = pipelined
+            timings[pipelined] = _time(run, build(), *args)
+        diff = rel_err(timings[True].out, timings[False].out)
+        run.record(part="compare", name=f"pipelined-sweep {name}", what=what,
+                   ms=timings[True].median_s * 1e3, ms_without=timings[False].median_s * 1e3,
+                   grad_rel_diff=diff, status="ok" if diff <= tol else "FAIL")
 
     previous = reverse.PIPELINE
     try:
-        for name, make in (("seed-nl", lambda: seed_nl), ("lorenz-adaptive-f64", lorenz)):
-            with jax.enable_x64(name.endswith("f64")):
-                build, args, dtype, steps_, what = make()
-                timings = {}
-                for pipelined in (True, False):
-                    reverse.PIPELINE = pipelined
-                    timings[pipelined] = _time(run, build(), *args)
-                diff = rel_err(timings[True].out, timings[False].out)
-                tol = FLOAT64_TOL if dtype == jnp.float64 else rounding_tol(jnp.float32, steps_)
-                run.record(part="compare", name=f"pipelined-sweep {name}", what=what,
-                           ms=timings[True].median_s * 1e3, ms_without=timings[False].median_s * 1e3,
-                           grad_rel_diff=diff, status="ok" if diff <= tol else "FAIL")
+        y0, steps, grad_of = _seed_workload(run, "seed-nl")
+        both_ways("seed-nl", lambda: grad_of("pallas"), (y0,), rounding_tol(jnp.float32, steps),
+                  f"seed-nl, {steps} steps x {run.size.seed_lanes} lanes, jit(grad)")
+        with jax.enable_x64(True):
+            y, r, t1, _, _, loss = _lorenz(run, run.size.adaptive_lanes, jnp.float64, adaptive=True)
+            both_ways("lorenz-adaptive-f64", lambda: jax.jit(jax.grad(lambda y, r: loss("pallas", y, r)[0],
+                                                                      argnums=(0, 1))),
+                      (y, r), FLOAT64_TOL,
+                      f"Lorenz, {run.size.adaptive_lanes} lanes, t in [0, {t1}], rtol = atol = 1e-8, float64")
     finally:
         reverse.PIPELINE = previous
 
@@ -564,9 +563,9 @@ def compare_launch_shapes(run: Run) -> None:
 
     shapes = [(16, 1), (128, 4)] if run.quick else [(16, 1), (32, 1), (64, 2), (128, 4)]
     previous = _triton.LAUNCH_OVERRIDE
+    B = run.size.seed_lanes
     try:
         for name in ("seed", "seed-nl"):
-            B = run.size.seed_lanes
             y0, steps, grad_of = _seed_workload(run, name)
             timings = {}
             for tile, warps in shapes:

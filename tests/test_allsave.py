@@ -18,6 +18,7 @@ import pytest
 
 import fusedrk
 from fusedrk import _allsave, _uninitialised
+from bench.allsave import van_der_pol_ring as _ring  # the benchmark's ring, here of 5 oscillators (10 components)
 from conftest import CountedField, assert_tree_close
 
 
@@ -404,13 +405,6 @@ def test_bytes_round_trip_bit_for_bit(x64):
         for x, y in zip(leaves, back):
             assert (x.shape, x.dtype) == (y.shape, y.dtype)
             assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
-
-
-def _ring(t, y, mu):
-    """Five Van der Pol oscillators pulled towards their neighbours: 10 components."""
-    x, v = y[0::2], y[1::2]
-    coupling = 0.1 * (jnp.roll(x, 1) - 2 * x + jnp.roll(x, -1))
-    return jnp.stack([v, mu * (1 - x**2) * v - x + coupling], axis=1).reshape(-1)
 
 
 def _ring_bytes(store, vmapped):
