@@ -14,6 +14,7 @@ pytrees of the user's state (that is ``_solve.py``). States here are tuples of [
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import jax
@@ -619,7 +620,7 @@ def backward(config: Config, field, field_vjp, times: Times, y0: tuple, fwd: For
 
         return (c[0],) + lax.cond(num_segments > 0, replays, lambda rest: rest, c[1:])
 
-    def lean_sweep(i, c):
+    def lean_sweep(i, c, every_lane=False):
         # _lean_forward's gradient: no rows, no replays. Each iteration's FSAL cotangent is
         # applied at once to the field at the step's start (the field's VJP reads no state, so
         # the point is the same as where the previous step or the initial evaluation computed
@@ -627,8 +628,12 @@ def backward(config: Config, field, field_vjp, times: Times, y0: tuple, fwd: For
         # iteration's only results are then the cotangents of the state (and of the
         # arguments): XLA fuses the step's whole VJP. An iteration in which some lane saved
         # runs the isolated sweep (its saves' cotangents) in a conditional's branch.
+        # ``every_lane``: every lane accepted this iteration, so no cotangent is masked (a
+        # constant mask, which XLA folds away: 8 of the seed's 63 operations per lane-step).
         n = fwd.num_iters - 1 - i
         tprev, tnext, mask = fixed_row(fixed_scalars, n, fwd.num_accepted)
+        if every_lane:
+            mask = jnp.ones((), bool)
 
         def without_saves(c):
             tape, y_bar, f_bar, args_bar, pointer, due = c
@@ -650,7 +655,12 @@ def backward(config: Config, field, field_vjp, times: Times, y0: tuple, fwd: For
         if config.save_ts:  # whether some lane saved in iteration n
             saved = jnp.where(fwd.save_iter >= 0, fwd.save_iter, config.rows).ravel()  # -1: none
             saved_in = jnp.zeros((config.rows,), bool).at[saved].set(True, mode="drop")
-        _, y_bar, _, args_bar, _, _ = lax.fori_loop(jnp.int32(0), fwd.num_iters, lean_sweep, carry)
+        # Iterations below the fewest any lane accepted were accepted by every lane (all of
+        # them when no lane failed): those run unmasked, after the others.
+        every_lane_from = fwd.num_iters - jnp.min(fwd.num_accepted)
+        carry = lax.fori_loop(jnp.int32(0), every_lane_from, lean_sweep, carry)
+        _, y_bar, _, args_bar, _, _ = lax.fori_loop(
+            every_lane_from, fwd.num_iters, functools.partial(lean_sweep, every_lane=True), carry)
     else:
         _, y_bar, f_bar, args_bar, _, _ = _schedule.reverse_loop(
             fwd.num_iters, config.tape_rows, carry, replay=replay, sweep=sweep, around_replays=around_replays,

@@ -165,6 +165,11 @@ MUTANTS = [
            "saved_in = jnp.zeros((config.rows,), bool).at[saved].set(False, mode=\"drop\")",
            ("tests/test_tape.py::test_a_gradient_whose_tape_is_empty_runs_lean_loops_equal_to_the_general_ones",),
            "the lean sweep skips the saves' cotangents"),
+    # -- the lean sweep's unmasked iterations (2026-12-07)
+    Mutant("fusedrk/_reference.py", "every_lane_from = fwd.num_iters - jnp.min(fwd.num_accepted)",
+           "every_lane_from = fwd.num_iters - jnp.min(fwd.num_accepted) - 1",
+           ("tests/test_tape.py::test_a_gradient_whose_tape_is_empty_runs_lean_loops_equal_to_the_general_ones",),
+           "the lean sweep leaves a failed lane unmasked one iteration too many"),
 ]
 
 

@@ -422,11 +422,14 @@ def test_a_gradient_whose_tape_is_empty_runs_lean_loops_equal_to_the_general_one
     applied at once, no ring, no replays). Gradients with respect to y0 and to per-lane and
     shared arguments must equal the general loops' to rounding, saving at t1 or at ts (two
     saves in one step when backwards, a save at t0), forwards and backwards in time, with a
-    lane that fails at once (infinite y0, cotangents masked), out of steps, and t0 == t1."""
+    lane that fails at once (infinite y0, cotangents masked), one that fails half way (so the
+    sweep's masked iterations and its unmasked ones, below every lane's failure, both run),
+    out of steps, and t0 == t1."""
     from fusedrk import _reference, _schedule
 
     def field(t, y, a):
-        return -0.3 * y + jnp.sin(t) * a
+        # The lane with a = 2 (per-lane arguments) fails once t passes 1.2 (at once backwards).
+        return -0.3 * y + jnp.sin(t) * a + jnp.where((t > 1.2) & (a > 1.9), jnp.inf, 0.0)
 
     calls = []
     real_lean = _reference._lean_forward
@@ -439,7 +442,10 @@ def test_a_gradient_whose_tape_is_empty_runs_lean_loops_equal_to_the_general_one
         def loss(y0, a):
             sol = fusedrk.solve(field, y0, t0, t1, args=a, args_axes=a_axes, dt0=dt0, ts=ts, backend="jax",
                                 max_steps=max_steps, throw=False)
-            return jnp.sum(jnp.where(jnp.isfinite(sol.ys), sol.ys, 0) ** 2)
+            # A non-finite output gets the cotangent 1 (its value is NaN), so a failed lane's
+            # cotangent is nonzero in the iterations after its failure, which must mask it.
+            finite = jnp.isfinite(sol.ys)
+            return jnp.sum(jnp.where(finite, jnp.where(finite, sol.ys, 0) ** 2, sol.ys - jax.lax.stop_gradient(sol.ys)))
         return jax.grad(loss, argnums=(0, 1))(y0, a)
 
     y0 = jnp.linspace(0.5, 2.0, 6, dtype=dtype)
