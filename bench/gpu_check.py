@@ -518,6 +518,29 @@ def diffrax_parts(run: Run) -> list:
 # ------------------------------------------------------------------------------- the run
 
 
+def _both_ways(run: Run, module, flag: str, name: str, build, args, tol, what: str) -> None:
+    """Time ``build()`` (a fresh jit, traced with ``module.flag`` as set) with the flag on and
+    off, and record one ``compare`` row; both ways must compute the same gradient."""
+    previous = getattr(module, flag)
+    timings = {}
+    try:
+        for on in (True, False):
+            setattr(module, flag, on)
+            timings[on] = _time(run, build(), *args)
+    finally:
+        setattr(module, flag, previous)
+    diff = rel_err(timings[True].out, timings[False].out)
+    run.record(part="compare", name=name, what=what, ms=timings[True].median_s * 1e3,
+               ms_without=timings[False].median_s * 1e3, grad_rel_diff=diff, status="ok" if diff <= tol else "FAIL")
+
+
+def _lorenz_adaptive_f64_grad(run: Run):
+    """The float64 adaptive Lorenz gradient of its target: (build, args, what)."""
+    y, r, t1, _, _, loss = _lorenz(run, run.size.adaptive_lanes, jnp.float64, adaptive=True)
+    return (lambda: jax.jit(jax.grad(lambda y, r: loss("pallas", y, r)[0], argnums=(0, 1))), (y, r),
+            f"Lorenz, {run.size.adaptive_lanes} lanes, t in [0, {t1}], rtol = atol = 1e-8, float64")
+
+
 def compare_pipelined_sweep(run: Run) -> None:
     """The reverse kernel's walk with and without its one-row prefetch (``kernels/reverse.py``
     PIPELINE), on two gradients whose reverse walks read a tape: seed-nl (float32, fixed steps,
@@ -526,30 +549,41 @@ def compare_pipelined_sweep(run: Run) -> None:
     same gradient (the same operations, loaded earlier)."""
     from fusedrk.kernels import reverse
 
-    def both_ways(name, build, args, tol, what):
-        """Time ``build()`` (a fresh jit, traced with the flag as set) with and without."""
-        timings = {}
-        for pipelined in (True, False):
-            reverse.PIPELINE = pipelined
-            timings[pipelined] = _time(run, build(), *args)
-        diff = rel_err(timings[True].out, timings[False].out)
-        run.record(part="compare", name=f"pipelined-sweep {name}", what=what,
-                   ms=timings[True].median_s * 1e3, ms_without=timings[False].median_s * 1e3,
-                   grad_rel_diff=diff, status="ok" if diff <= tol else "FAIL")
+    y0, steps, grad_of = _seed_workload(run, "seed-nl")
+    _both_ways(run, reverse, "PIPELINE", "pipelined-sweep seed-nl", lambda: grad_of("pallas"), (y0,),
+               rounding_tol(jnp.float32, steps), f"seed-nl, {steps} steps x {run.size.seed_lanes} lanes, jit(grad)")
+    with jax.enable_x64(True):
+        build, args, what = _lorenz_adaptive_f64_grad(run)
+        _both_ways(run, reverse, "PIPELINE", "pipelined-sweep lorenz-adaptive-f64", build, args, FLOAT64_TOL, what)
 
-    previous = reverse.PIPELINE
-    try:
-        y0, steps, grad_of = _seed_workload(run, "seed-nl")
-        both_ways("seed-nl", lambda: grad_of("pallas"), (y0,), rounding_tol(jnp.float32, steps),
-                  f"seed-nl, {steps} steps x {run.size.seed_lanes} lanes, jit(grad)")
-        with jax.enable_x64(True):
-            y, r, t1, _, _, loss = _lorenz(run, run.size.adaptive_lanes, jnp.float64, adaptive=True)
-            both_ways("lorenz-adaptive-f64", lambda: jax.jit(jax.grad(lambda y, r: loss("pallas", y, r)[0],
-                                                                      argnums=(0, 1))),
-                      (y, r), FLOAT64_TOL,
-                      f"Lorenz, {run.size.adaptive_lanes} lanes, t in [0, {t1}], rtol = atol = 1e-8, float64")
-    finally:
-        reverse.PIPELINE = previous
+
+def compare_finished_rows(run: Run) -> None:
+    """Adaptive gradients with a finished lane writing no more tape rows and the reverse kernel
+    loading only the rows each lane wrote, against every lane writing every row
+    (``kernels/forward.py`` SKIP_FINISHED_ROWS): the float64 adaptive Lorenz of its target, and
+    Van der Pol with per-lane mu (float32, rtol = atol = 1e-6, step counts far apart). The
+    measurement that keeps the predicated stores and loads or drops them; both ways compute the
+    same gradient (a finished lane's masked VJP adds zero either way)."""
+    # fusedrk.kernels.forward is also the name of the package's forward function.
+    forward_module = importlib.import_module("fusedrk.kernels.forward")
+    with jax.enable_x64(True):
+        build, args, what = _lorenz_adaptive_f64_grad(run)
+        _both_ways(run, forward_module, "SKIP_FINISHED_ROWS", "finished-rows lorenz-adaptive-f64", build, args,
+                   FLOAT64_TOL, what)
+    p = problems.VDP
+    B, t1 = run.size.adaptive_lanes, p.t1 * run.size.adaptive_t1
+    y0, mu = p.make(B, jnp.float32)
+
+    def solve(mu):
+        return run.solve(p.field, y0, p.t0, t1, args=mu, args_axes=0, dt0=p.dt0, rtol=1e-6, atol=1e-6,
+                         max_steps=4096, backend="pallas")
+
+    steps = solve(mu).stats["num_steps"]
+    loss = lambda mu: _weighted_loss(solve(mu).ys)  # noqa: E731
+    _both_ways(run, forward_module, "SKIP_FINISHED_ROWS", "finished-rows vdp", lambda: jax.jit(jax.grad(loss)), (mu,),
+               rounding_tol(jnp.float32, int(jnp.max(steps))),
+               f"Van der Pol, {B} lanes, per-lane mu, t in [0, {t1:g}], float32, steps {int(jnp.min(steps))}"
+               f"-{int(jnp.max(steps))}")
 
 
 def compare_launch_shapes(run: Run) -> None:
@@ -609,6 +643,7 @@ def parts(run: Run) -> list:
     # targets and diffrax's rows.
     return out + diffrax_parts(run) + [
         ("compare pipelined-sweep", functools.partial(compare_pipelined_sweep, run)),
+        ("compare finished-rows", functools.partial(compare_finished_rows, run)),
         ("compare launch-shapes", functools.partial(compare_launch_shapes, run))]
 
 

@@ -111,10 +111,11 @@ def reverse_loop(num_iters, tape_rows: int, carry, *, replay: Callable, sweep: C
     the first of these replays may stop short of a whole segment; together they re-run
     ``replayed_iterations(num_iters, tape_rows)`` iterations.
 
-    ``load(row)``, if given, reads what a sweep needs of a ring row, and the loop is software
-    pipelined: ``carry = sweep(carry, n, row, load(row))``, where each iteration first issues
-    the loads of the row it visits next (the last one's again at the end of a run), so that
-    they are in flight while this iteration computes. Every row it loads lies in 0 .. R - 1.
+    ``load(n, row)``, if given, reads what a sweep needs of iteration n's ring row, and the
+    loop is software pipelined: ``carry = sweep(carry, n, row, load(n, row))``, where each
+    iteration first issues the loads of the iteration it visits next (the last one's again at
+    the end of a run), so that they are in flight while this iteration computes. Every row it
+    loads lies in 0 .. R - 1.
 
     ``around_replays(run, num_replayed_segments, carry) -> carry``, if given, runs the replay
     phase ``run(carry)`` itself: the jax backend skips it when nothing is replayed and gives
@@ -129,15 +130,16 @@ def reverse_loop(num_iters, tape_rows: int, carry, *, replay: Callable, sweep: C
         if load is None:
             return lax.fori_loop(jnp.int32(0), count, lambda i, c: sweep(c, n_of(i), row_of(i)), c)
 
-        def row_at(i):
-            return jnp.clip(row_of(jnp.clip(i, 0, jnp.maximum(count - 1, 0))), 0, R - 1)
+        def load_at(i):
+            i = jnp.clip(i, 0, jnp.maximum(count - 1, 0))
+            return load(n_of(i), jnp.clip(row_of(i), 0, R - 1))
 
         def body(i, s):
             c, current = s
-            following = load(row_at(i + 1))
+            following = load_at(i + 1)
             return sweep(c, n_of(i), row_of(i), current), following
 
-        c, _ = lax.fori_loop(jnp.int32(0), count, body, (c, load(row_at(jnp.int32(0)))))
+        c, _ = lax.fori_loop(jnp.int32(0), count, body, (c, load_at(jnp.int32(0))))
         return c
 
     carry = visit(carry, num_iters - first_in_ring, lambda i: num_iters - 1 - i, lambda i: (num_iters - 1 - i) % R)

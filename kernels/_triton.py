@@ -126,6 +126,34 @@ def barrier(interpret: bool) -> None:
         pl_triton.debug_barrier()
 
 
+def store_lanes(ref, value: jax.Array, mask: Optional[jax.Array], interpret: bool) -> None:
+    """``ref[...] = value`` for the lanes where ``mask`` is set (every lane when None): on a
+    GPU a predicated store, which leaves the other lanes' memory as it was. Interpret mode
+    writes there what it fills unwritten memory with instead (NaN, or the integer minimum), so
+    a read of it shows as one of never-written memory: Pallas's own interpret rule for a masked
+    store rewrites the whole buffer on every call, and a read-modify-write of the slice made
+    XLA copy the ring on every store (adaptive Lorenz, 1,024 lanes, 55 steps, max_steps 4,096:
+    130 s against 0.3 s per gradient on this project's CPU)."""
+    if mask is None:
+        ref[...] = value
+    elif interpret:
+        dtype = jnp.dtype(value.dtype)
+        poison = jnp.nan if jnp.issubdtype(dtype, jnp.floating) else jnp.iinfo(dtype).min
+        ref[...] = jnp.where(mask, value, jnp.asarray(poison, dtype))
+    else:
+        pl_triton.store(ref, value, mask=mask)
+
+
+def load_lanes(ref, mask: Optional[jax.Array], other, interpret: bool) -> jax.Array:
+    """``ref[...]`` for the lanes where ``mask`` is set and ``other`` elsewhere (every lane
+    when None): on a GPU a predicated load, which does not read the other lanes' memory."""
+    if mask is None:
+        return ref[...]
+    if interpret:
+        return jnp.where(mask, ref[...], other)
+    return pl_triton.load(ref, mask=mask, other=other)
+
+
 def any_lane(mask: jax.Array) -> jax.Array:
     """Whether any lane of the tile is set (a reduction over the tile Triton lowers)."""
     return jnp.max(mask.astype(jnp.int32)) > 0

@@ -4,7 +4,8 @@ Owns: looping and memory movement of the forward pass on a GPU. Each program loa
 lanes, runs ``fusedrk._step.attempt_step`` until every lane of the tile is done (or the row
 limit is reached), writes saved outputs row by row, and, when a gradient will be taken, writes
 every iteration's start state, k_1..k_6 and (adaptive steps only) interval and accepted flag
-to a ring of tape rows in HBM at ``ring[n mod R, s, tile]``, with a checkpoint of the loop
+to a ring of tape rows in HBM at ``ring[n mod R, s, tile]`` (an adaptive lane only while it
+runs: ``write_row``), with a checkpoint of the loop
 carry at the start of every segment of R iterations (the schedule is ``fusedrk._schedule``).
 Without a gradient it allocates and writes no tape. Fixed steps keep the tile's times as
 scalars, so the loop's condition and the save walk need no reduction over the tile.
@@ -131,18 +132,41 @@ def tape_shapes(config: Config, L: int, Bp: int, segments: int, dtype, tdtype) -
     ]
 
 
-def write_row(config: Config, ring_refs, row, lanes, tprev, tnext, y, step: _step.Attempt) -> None:
-    """Store what the reverse sweep reads of one iteration in ring row ``row``."""
+# Whether a finished adaptive lane stops writing tape rows (``write_row``; the reverse kernel's
+# ``load_row`` follows it). Unmeasured on a GPU so far: it costs registers (deviceless H100
+# compile, 2026-12-07, float64 adaptive, forward / reverse: Lorenz tuple B65536 154 -> 164 /
+# 238 -> 244; test oscillator B2250 114 -> 116 / 168 with 44 B of spills -> 208 without), and
+# ``bench/gpu_check.py`` times both ways. Fixed steps are unaffected (identical PTX). Read when
+# each kernel is traced: a forward and its reverse must be traced with the same setting (one
+# ``jit`` of the gradient, as gpu_check does).
+SKIP_FINISHED_ROWS = True
+
+
+def skips_finished_rows(config: Config) -> bool:
+    """Whether a finished lane of this solve writes no more rows (read when tracing)."""
+    return config.adaptive and SKIP_FINISHED_ROWS
+
+
+def write_row(config: Config, ring_refs, row, lanes, tprev, tnext, y, step: _step.Attempt, interpret: bool) -> None:
+    """Store what the reverse sweep reads of one iteration in ring row ``row``.
+
+    With adaptive steps only the lanes running at the iteration's start write (those that
+    accepted or rejected its step): a lane that has finished (or failed) never writes again, so a tile whose lanes finish apart stops
+    moving their bytes. A lane runs from iteration 0 for as many iterations as it accepted or
+    rejected steps, so the reverse kernel knows which of its rows were written
+    (``reverse.load_row``). Fixed-step lanes all run every iteration: every lane writes.
+    """
     states_ref, times_ref, accepted_ref = ring_refs
     L = len(y)
+    written = step.accept | step.reject if skips_finished_rows(config) else None
     if config.tape_state:
         for s, state in enumerate((y,) + step.ks[:TAPE_STAGES]):
             for leaf_index, leaf in enumerate(state):
-                states_ref[row, jnp.int32(s * L + leaf_index), lanes] = leaf
+                _triton.store_lanes(states_ref.at[row, jnp.int32(s * L + leaf_index), lanes], leaf, written, interpret)
     if config.adaptive:
-        times_ref[row, jnp.int32(0), lanes] = tprev
-        times_ref[row, jnp.int32(1), lanes] = tnext
-        accepted_ref[row, lanes] = step.accept.astype(jnp.int32)
+        _triton.store_lanes(times_ref.at[row, jnp.int32(0), lanes], tprev, written, interpret)
+        _triton.store_lanes(times_ref.at[row, jnp.int32(1), lanes], tnext, written, interpret)
+        _triton.store_lanes(accepted_ref.at[row, lanes], step.accept.astype(jnp.int32), written, interpret)
 
 
 def write_checkpoint(config: Config, refs, segment, lanes, tprev, tnext, y, f, result) -> None:
@@ -247,7 +271,7 @@ def forward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff:
                     attempted.ks, c["save_index"], c["first_unsaved"],
                 )
             if with_tape:
-                write_row(config, ring_refs, row, lanes, tprev, tnext, y, attempted)
+                write_row(config, ring_refs, row, lanes, tprev, tnext, y, attempted, interpret)
             return out
 
         def checkpoint(c, segment):

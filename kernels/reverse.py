@@ -36,7 +36,7 @@ from fusedrk._tableau import NUM_STAGES
 
 from . import _triton
 from ._problem import TileProblem, pad_lanes
-from .forward import KernelForward, Scalars, attempt, read_checkpoint, time_scalars, write_row
+from .forward import KernelForward, Scalars, attempt, read_checkpoint, skips_finished_rows, time_scalars, write_row
 
 # Whether the walk prefetches the next row (see the module's docstring). Unmeasured on a GPU
 # so far: it costs registers (deviceless H100 compile, reverse kernel, 2026-12-07: seed-nl
@@ -67,11 +67,12 @@ def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff
     # Fixed steps: the iteration that saved each row, shared by the lanes that saved it
     # (NEVER_SAVED where none did), for a scalar save walk; and each lane's accepted steps,
     # from which a row's accepted lanes follow (_reference.fixed_row; padded lanes: none).
-    # Adaptive solves read times and flags from the ring instead: they get neither.
-    fixed_inputs = [] if config.adaptive else [jnp.min(fwd.save_iter, axis=1),
-                                                jnp.pad(fwd.num_accepted, (0, Bp - B))]
+    # Adaptive solves read times and flags from the ring instead, and get the iterations each
+    # lane ran, i.e. the rows it wrote (forward.write_row; padded lanes: none).
+    lane_inputs = ([jnp.pad(fwd.num_accepted + fwd.num_rejected, (0, Bp - B))] if config.adaptive else
+                   [jnp.min(fwd.save_iter, axis=1), jnp.pad(fwd.num_accepted, (0, Bp - B))])
     # The ring comes first: it is also an output (aliased), rewritten by each segment's replay.
-    inputs = [*fwd.tape.ring, *fwd.tape.checkpoints, fwd.save_iter, *fixed_inputs, fwd.iterations,
+    inputs = [*fwd.tape.ring, *fwd.tape.checkpoints, fwd.save_iter, *lane_inputs, fwd.iterations,
               *ys_bar_rows, *y0p, *argsp, times.ts, *time_scalars(times, config, dtype)]
     # One cotangent output per differentiable component (or leaf held whole): [Bp] per lane,
     # [tiles, *shape] partial sums when shared (reduced outside).
@@ -87,8 +88,11 @@ def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff
         ins, outs = refs[: len(inputs)], refs[len(inputs):]
         checkpoint_refs, rest = ins[3:6], ins[6:]
         save_iter_ref, rest = rest[0], rest[1:]
-        save_at_ref, num_accepted_ref = rest[:2] if fixed_inputs else (None, None)
-        rest = rest[len(fixed_inputs):]
+        if config.adaptive:
+            save_at_ref, num_accepted_ref, lane_iters_ref = None, None, rest[0]
+        else:
+            save_at_ref, num_accepted_ref, lane_iters_ref = rest[0], rest[1], None
+        rest = rest[len(lane_inputs):]
         iters_ref, rest = rest[0], rest[1:]
         ys_bar_refs, rest = rest[:L], rest[L:]
         y_refs, rest = rest[:L], rest[L:]
@@ -101,6 +105,7 @@ def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff
         lanes = _triton.lane_slice(launch)
         y_init = tuple(r[lanes] for r in y_refs)
         num_accepted = None if config.adaptive else num_accepted_ref[lanes]
+        lane_iters = lane_iters_ref[lanes] if config.adaptive else None
         d_args, n_args = tiles.load_args(arg_refs, lanes)
 
         def field(t, y):
@@ -162,7 +167,7 @@ def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff
             def one(i, loop):
                 tprev, tnext, y, f, result = loop
                 attempted = attempt(config, field, k, start + i, tprev, tnext, y, f, result)
-                write_row(config, ring_refs, i, lanes, tprev, tnext, y, attempted)
+                write_row(config, ring_refs, i, lanes, tprev, tnext, y, attempted, interpret)
                 return (attempted.tprev, attempted.tnext, attempted.y, attempted.f,
                         jnp.where(attempted.nonfinite, NONFINITE, result))
 
@@ -170,18 +175,31 @@ def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff
             _triton.barrier(interpret)
             return c
 
-        def load_row(row):
-            """What the sweep reads of ring row ``row``. The walk issues these loads one
-            iteration ahead (``_schedule.reverse_loop``'s ``load``), so that they travel
-            while the step before them computes its VJP."""
+        def load_row(n, row):
+            """What the sweep reads of iteration n, in ring row ``row``. The walk issues these
+            loads one iteration ahead (``_schedule.reverse_loop``'s ``load``), so that they
+            travel while the step before them computes its VJP.
+
+            With adaptive steps a lane wrote rows only while it ran (``forward.write_row``):
+            a lane that had finished before iteration n reads nothing and sees a rejected step
+            from its initial point (flag 0, both times t_start, the state y0, increments 0),
+            a point where this kernel evaluates the field's VJP for every lane anyway (the
+            initial FSAL stage's, after the walk); the masked VJP then leaves its cotangents
+            unchanged."""
             loaded = {}
+            # n >= 0 too: a tile that ran no iteration still prefetches once, at n = -1.
+            written = (n >= 0) & (n < lane_iters) if skips_finished_rows(config) else None
             if config.adaptive:
-                loaded["mask"] = accepted_ref[row, lanes] != 0
-                loaded["tprev"] = times_ref[row, jnp.int32(0), lanes]
-                loaded["tnext"] = times_ref[row, jnp.int32(1), lanes]
+                t_start = jnp.full((TB,), k.t_start, times_ref.dtype)
+                loaded["mask"] = _triton.load_lanes(accepted_ref.at[row, lanes], written, 0, interpret) != 0
+                loaded["tprev"] = _triton.load_lanes(times_ref.at[row, jnp.int32(0), lanes], written, t_start, interpret)
+                loaded["tnext"] = _triton.load_lanes(times_ref.at[row, jnp.int32(1), lanes], written, t_start, interpret)
             if config.tape_state:
-                loaded["stored"] = [tuple(states_ref[row, jnp.int32(s * L + leaf), lanes] for leaf in range(L))
-                                    for s in range(1 + TAPE_STAGES)]
+                fallback = [y_init] + [zeros] * TAPE_STAGES
+                loaded["stored"] = [
+                    tuple(_triton.load_lanes(states_ref.at[row, jnp.int32(s * L + leaf), lanes], written,
+                                             fallback[s][leaf], interpret) for leaf in range(L))
+                    for s in range(1 + TAPE_STAGES)]
             return loaded
 
         def sweep(c, n, row, loaded):
@@ -219,7 +237,7 @@ def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff
         prefetch = PIPELINE and (config.adaptive or config.tape_state)
         y_bar, f_bar, args_bar, _, _ = _schedule.reverse_loop(
             num_iters, R, (y_bar, zeros, args_bar, jnp.int32(T - 1), t_last_end),
-            replay=replay, sweep=sweep if prefetch else (lambda c, n, row: sweep(c, n, row, load_row(row))),
+            replay=replay, sweep=sweep if prefetch else (lambda c, n, row: sweep(c, n, row, load_row(n, row))),
             load=load_row if prefetch else None,
         )
         # The first step's FSAL stage: the field at the initial point.

@@ -109,8 +109,8 @@ MUTANTS = [
     # -- kernels
     Mutant("kernels/forward.py", "        mask = accept & (j >= index) & (t_save <= tnext)",
            "        mask = accept & (t_save <= tnext)", KERNELS, "a lane overwrites a save it already made"),
-    Mutant("kernels/reverse.py", '                loaded["mask"] = accepted_ref[row, lanes] != 0',
-           '                loaded["mask"] = accepted_ref[row, lanes] == 0',
+    Mutant("kernels/reverse.py", 'loaded["mask"] = _triton.load_lanes(accepted_ref.at[row, lanes], written, 0, interpret) != 0',
+           'loaded["mask"] = _triton.load_lanes(accepted_ref.at[row, lanes], written, 0, interpret) == 0',
            KERNELS, "the reverse kernel sweeps rejected steps"),
     Mutant("kernels/reverse.py", "                    return (s[0] >= 0) & (save_at_ref[j] >= n)",
            "                    return (s[0] >= 0) & (save_at_ref[j] > n)", KERNELS,
@@ -121,8 +121,8 @@ MUTANTS = [
            "jnp.concatenate([x, jnp.zeros((extra,) + x.shape[1:], x.dtype)])", KERNELS,
            "padded lanes start at zero: a field NaN there poisons shared cotangents"),
     # -- the reverse kernel's pipelined sweep (2026-12-07)
-    Mutant("fusedrk/_schedule.py", "            following = load(row_at(i + 1))",
-           "            following = load(row_at(i))", KERNELS,
+    Mutant("fusedrk/_schedule.py", "            following = load_at(i + 1)",
+           "            following = load_at(i)", KERNELS,
            "the pipelined reverse sweep loads the row it is on again instead of the next"),
     # -- AllSaveAdjoint
     Mutant("fusedrk/_allsave.py", "            return (row - 1, *pull(row, row < lane_n, f_bar, k_bar))",
@@ -170,6 +170,18 @@ MUTANTS = [
            "every_lane_from = fwd.num_iters - jnp.min(fwd.num_accepted) - 1",
            ("tests/test_tape.py::test_a_gradient_whose_tape_is_empty_runs_lean_loops_equal_to_the_general_ones",),
            "the lean sweep leaves a failed lane unmasked one iteration too many"),
+    # -- finished adaptive lanes write no tape rows (2026-12-07)
+    Mutant("kernels/forward.py", "    written = step.accept | step.reject if skips_finished_rows(config) else None",
+           "    written = None", ("tests/test_kernels.py::test_finished_adaptive_lanes_write_no_tape_rows",),
+           "finished lanes keep writing tape rows"),
+    Mutant("kernels/reverse.py", "            written = (n >= 0) & (n < lane_iters) if skips_finished_rows(config) else None",
+           "            written = None",
+           ("tests/test_kernels.py::test_gradients_of_lanes_finishing_apart_equal_the_jax_backend",),
+           "the reverse kernel reads the rows a finished lane never wrote"),
+    Mutant("kernels/reverse.py", "fallback = [y_init] + [zeros] * TAPE_STAGES",
+           "fallback = [zeros] * (1 + TAPE_STAGES)",
+           ("tests/test_kernels.py::test_gradients_of_lanes_finishing_apart_equal_the_jax_backend",),
+           "an unwritten row reads as the state 0, where a field may be singular"),
 ]
 
 

@@ -114,8 +114,15 @@ def test_gpu_check_quick_interpret_runs_every_target_and_each_kind_of_check(tmp_
                                                                                    "lorenz-vector"}
     compared = {r["name"]: r for r in rows if r["part"] == "compare"}
     launches = {f"launch {w} {t} lanes {n} warps" for w in ("seed", "seed-nl") for t, n in ((16, 1), (128, 4))}
-    assert set(compared) == {"pipelined-sweep seed-nl", "pipelined-sweep lorenz-adaptive-f64", *launches}
-    assert all(r["status"] == "ok" and r["grad_rel_diff"] == 0.0 for r in compared.values()), compared
+    assert set(compared) == {"pipelined-sweep seed-nl", "pipelined-sweep lorenz-adaptive-f64",
+                             "finished-rows lorenz-adaptive-f64", "finished-rows vdp", *launches}
+    assert all(r["status"] == "ok" for r in compared.values()), compared
+    # The same arithmetic both ways: equal gradients, but for the adaptive walk with and without
+    # its prefetch, whose predicated loads (reverse.load_row's selects) XLA:CPU fuses, and so
+    # contracts into multiply-adds, differently when they come from the previous iteration:
+    # 2.3e-16 measured, exactly 0 with SKIP_FINISHED_ROWS off.
+    assert all(r["grad_rel_diff"] == 0.0 for n, r in compared.items() if n != "pipelined-sweep lorenz-adaptive-f64")
+    assert compared["pipelined-sweep lorenz-adaptive-f64"]["grad_rel_diff"] <= 4 * 2.0 ** -52
     log = (tmp_path / "log.txt").read_text()
     assert "-- target seed" in log and "| check | f32-fixed-t1 | PASS |" in (tmp_path / "table.md").read_text()
 

@@ -496,8 +496,9 @@ def test_the_lean_loops_under_vmap_equal_separate_solves(x64):
 @pytest.mark.parametrize("num_iters, R", [(0, 3), (1, 3), (3, 3), (7, 3), (8, 3), (9, 1), (5, 8)])
 def test_the_pipelined_reverse_walk_visits_what_the_plain_one_does(num_iters, R):
     # _schedule.reverse_loop with ``load`` (the reverse kernel's prefetch) must visit the same
-    # (n, row) in the same order as without it, hand each visit load(row) of its own row, and
-    # load only rows 0 .. R - 1. The ring's content stands for "written by the latest replay".
+    # (n, row) in the same order as without it, hand each visit load(n, row) of its own
+    # iteration and row, and load only rows 0 .. R - 1. The ring's content stands for "written
+    # by the latest replay".
     N = 16
 
     def walk(pipelined):
@@ -510,8 +511,8 @@ def test_the_pipelined_reverse_walk_visits_what_the_plain_one_does(num_iters, R)
             return {**c, "i": i + 1, "n": c["n"].at[i].set(n), "row": c["row"].at[i].set(row),
                     "got": c["got"].at[i].set(got), "bad": c["bad"]}
 
-        def load(row):
-            return ring_ref[0]["ring"][row], (row < 0) | (row >= R)
+        def load(n, row):
+            return ring_ref[0]["ring"][row], n, (row < 0) | (row >= R)
 
         ring_ref = [None]
 
@@ -519,8 +520,8 @@ def test_the_pipelined_reverse_walk_visits_what_the_plain_one_does(num_iters, R)
             return record(c, n, row, c["ring"][row])
 
         def sweep_pipelined(c, n, row, loaded):
-            value, out_of_range = loaded
-            return {**record(c, n, row, value), "bad": c["bad"] | out_of_range}
+            value, loaded_n, out_of_range = loaded
+            return {**record(c, n, row, value), "bad": c["bad"] | out_of_range | (loaded_n != n)}
 
         carry = {"i": jnp.int32(0), "n": jnp.full(N, -9), "row": jnp.full(N, -9), "got": jnp.full(N, -9),
                  "ring": 7 * jnp.arange(R), "bad": jnp.asarray(False)}
