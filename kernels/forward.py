@@ -133,12 +133,11 @@ def tape_shapes(config: Config, L: int, Bp: int, segments: int, dtype, tdtype) -
 
 
 # Whether a finished adaptive lane stops writing tape rows (``write_row``; the reverse kernel's
-# ``load_row`` follows it). Unmeasured on a GPU so far: it costs registers (deviceless H100
-# compile, 2026-12-07, float64 adaptive, forward / reverse: Lorenz tuple B65536 154 -> 164 /
-# 238 -> 244; test oscillator B2250 114 -> 116 / 168 with 44 B of spills -> 208 without), and
-# ``bench/gpu_check.py`` times both ways. Fixed steps are unaffected (identical PTX). Read when
-# each kernel is traced: a forward and its reverse must be traced with the same setting (one
-# ``jit`` of the gradient, as gpu_check does).
+# ``load_row`` follows it). Unmeasured on a GPU so far: it costs registers in the adaptive
+# kernels (deviceless H100 compile: bench/README.md, "Finished adaptive lanes write no tape
+# rows"), and ``bench/gpu_check.py`` times both ways. Fixed steps are unaffected (identical
+# PTX). Read when each kernel is traced: a forward and its reverse must be traced with the same
+# setting (one ``jit`` of the gradient, as gpu_check does).
 SKIP_FINISHED_ROWS = True
 
 
@@ -147,12 +146,13 @@ def skips_finished_rows(config: Config) -> bool:
     return config.adaptive and SKIP_FINISHED_ROWS
 
 
-def write_row(config: Config, ring_refs, row, lanes, tprev, tnext, y, step: _step.Attempt, interpret: bool) -> None:
+def write_row(config: Config, ring_refs, row, lanes, tprev, tnext, y, step: _step.Attempt,
+              interpret: bool) -> None:
     """Store what the reverse sweep reads of one iteration in ring row ``row``.
 
     With adaptive steps only the lanes running at the iteration's start write (those that
-    accepted or rejected its step): a lane that has finished (or failed) never writes again, so a tile whose lanes finish apart stops
-    moving their bytes. A lane runs from iteration 0 for as many iterations as it accepted or
+    accepted or rejected its step): a lane that has finished (or failed) never writes again,
+    so a tile whose lanes finish apart stops moving their bytes. A lane runs from iteration 0 for as many iterations as it accepted or
     rejected steps, so the reverse kernel knows which of its rows were written
     (``reverse.load_row``). Fixed-step lanes all run every iteration: every lane writes.
     """
