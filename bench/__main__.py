@@ -65,7 +65,7 @@ class Case(NamedTuple):
     theirs: Callable  # theirs(adjoint, t1) -> fn(params) returning (loss, ys)
     state_per_lane: int  # floats of state per lane (tape accounting)
     peer: Callable | None  # peer(name, t1) -> peers.PeerRun, for the fixed-step workloads
-    tape_state: bool = True  # the jax backend's tape holds the state (fusedrk/_liveness.py)
+    tape_live: tuple | None = None  # the state components the tape holds (fusedrk/_liveness.py; None: all)
 
 
 def _seed_case(name, quick):
@@ -102,11 +102,11 @@ def _seed_case(name, quick):
     def peer(peer_name, horizon):
         return peers.run(peer_name, peers.Spec(name, (y0,), p.t0, horizon, p.dt0, None, loss(horizon)))
 
-    reads = _liveness.field_reads_state(p.field, jax.ShapeDtypeStruct((), jnp.float32))
+    reads = _liveness.field_read_components(p.field, jax.ShapeDtypeStruct((), jnp.float32))
     # The seed's forward too: a solve without a gradient runs the jax backend's lean loop.
     modes = ("grad", "forward") if name == "seed" else ("grad",)
     return [Case(name, mode, 2250, t1, t1_diffrax, int(round(t1 / p.dt0)), False, y0, ours, theirs, 1, peer,
-                 tape_state=reads) for mode in modes]
+                 tape_live=reads) for mode in modes]
 
 
 def _ensemble_cases(name, quick, sizes):
@@ -257,7 +257,7 @@ def run_case(case: Case, method: str, repeats: int, get_run: Callable, oracle: d
         lanes = (jnp.zeros((case.B, case.state_per_lane), jnp.float32),)
         backend = "jax" if method == QUARTER_TAPE else method.removeprefix("fusedrk-")
         plan = tape_plan(lanes, jnp.float32, rows=case.steps + 1, backend=backend, adaptive=case.adaptive,
-                         known_fixed=not case.adaptive, tape_state=backend == "pallas" or case.tape_state,
+                         known_fixed=not case.adaptive, tape_live=case.tape_live,
                          tape_rows=case.ours.quarter if method == QUARTER_TAPE else None)
         row["tape_bytes"] = plan.bytes
         row["tape_gbps"] = 2 * row["tape_bytes"] / (row["median_ms"] / 1e3) / 1e9

@@ -300,7 +300,7 @@ def target_seed(run: Run, name: str) -> None:
     correct = grad_err <= tol
     # The seed's VJP reads no state: its tape holds times and flags only (fusedrk/_liveness.py).
     tape = tape_bytes(steps + 1, (y0,), 4, backend="pallas", adaptive=False,
-                      tape_state=_liveness.field_reads_state(p.field, y0[0]))
+                      tape_live=_liveness.field_read_components(p.field, y0[0]))
     run.record(part="target", name=name, what=f"{steps} steps x {B} lanes, jit(grad)", ms=t.median_s * 1e3,
                limit_ms=limit, compile_s=t.compile_s, grad_rel_err=grad_err, ys_rel_err=ys_err, tol=tol,
                tape_gb=tape / 1e9, status=_verdict(run, t.median_s * 1e3, limit, correct))

@@ -1,19 +1,24 @@
 """What the field's VJP reads, decided once per solve from its jaxpr.
 
-Owns: the field's pullback (``pullback``); ``vjp_reads_state``, the one rule by which a
-backend leaves the state out of the tape; ``live_inputs``, the dependence rule beneath it,
-which AllSaveAdjoint also uses to leave write-only loop buffers out of its residuals.
+Owns: the field's pullback (``pullback``); ``read_components``, the one rule by which both
+backends decide which state components the tape stores (``vjp_reads_state``: whether any);
+``live_inputs``, the dependence rule beneath it, which AllSaveAdjoint also uses to leave
+write-only loop buffers out of its residuals.
 The reverse sweep rebuilds each stage's input from the stored start state and increments and
-hands it to the field's VJP; a field linear in the state (with no differentiable argument
-multiplying it) has a VJP that never looks at that input, so storing the state and the six
-increments per step is pure memory traffic (the seed: all of its tape).
+hands it to the field's VJP; a component of the state that the VJP never looks at (the state
+of a field linear in it with no differentiable argument multiplying it: the seed's whole
+tape; the velocity of a mechanical system whose force depends on positions only; a running
+cost integrated beside the state) needs no bytes on the tape, and the sweep rebuilds it as 0.
 
-Must not: know about loops, tapes or kernels; it builds and inspects the field's pullback only.
+Must not: know about loops, tapes or the kernels' programs; it builds and inspects the field's
+pullback only (with the kernels' per-component interpreter, ``kernels/_grid.py``, to see
+inside an array leaf).
 """
 
 from __future__ import annotations
 
 import jax
+import numpy as np
 from jax.extend import core as jex_core
 
 
@@ -29,21 +34,80 @@ def pullback(lane_fn):
     return pull
 
 
-def vjp_reads_state(lane_fn, y_spec: tuple, diff_spec: list, nondiff_spec: list, t_spec) -> bool:
-    """Whether ``lane_fn(t, y_leaves, diff, nondiff)``'s VJP with respect to (y, diff) uses
-    the state y: its value, not only its shape. Conservative: a call or control-flow
-    primitive whose outputs are used counts as reading all of its inputs, and a field whose
-    VJP cannot be traced (a forward-only solve of a field with a host callback, say) reads
-    it: the gradient, if ever taken, reports the real error."""
+# The most scalar inputs (state, arguments and cotangent components of one lane) for which
+# ``read_components`` looks inside array leaves: it then traces the VJP once per component, a
+# few milliseconds for the catalogue's fields; larger fields keep whole leaves.
+MAX_TRACED_COMPONENTS = 1024
 
+
+def read_components(lane_fn, y_spec: tuple, diff_spec: list, nondiff_spec: list, t_spec) -> tuple:
+    """Which components of each state leaf ``lane_fn(t, y_leaves, diff, nondiff)``'s VJP with
+    respect to (y, diff) uses (its value, not only its shape): per leaf, the sorted flat
+    indices (C order over the leaf's one-lane shape).
+
+    Leaf by leaf from the pullback's jaxpr (``live_inputs``); inside a leaf with several
+    components, component by component from the same pullback evaluated by the kernels'
+    interpreter, which gives every component its own value (``y[0]`` reads one; ``A @ y``
+    with a traced A all). Conservative: a call or control-flow primitive whose outputs are
+    used counts as reading all of its inputs, a leaf the interpreter cannot take (a loop in
+    the field, data-dependent indexing) is read whole, and a field whose VJP cannot be traced
+    (a forward-only solve of a field with a host callback, say) reads everything: the
+    gradient, if ever taken, reports the real error."""
+    whole = tuple(tuple(range(_size(s))) for s in y_spec)
     try:
         closed = jax.make_jaxpr(pullback(lane_fn))(t_spec, tuple(y_spec), list(diff_spec), list(nondiff_spec),
-                                          tuple(y_spec))
+                                                   tuple(y_spec))
     except Exception:  # noqa: BLE001 - see the docstring
-        return True
-    jaxpr = closed.jaxpr
-    y_vars = jaxpr.invars[1: 1 + len(y_spec)]  # the invars flatten (t, y, diff, nondiff, f_bar)
-    return any(v in live_inputs(jaxpr) for v in y_vars)
+        return whole
+    y_vars = closed.jaxpr.invars[1: 1 + len(y_spec)]  # the invars flatten (t, y, diff, nondiff, f_bar)
+    live = live_inputs(closed.jaxpr)
+    read = tuple(w if v in live else () for v, w in zip(y_vars, whole))
+    if all(len(r) <= 1 for r in read):
+        return read
+    try:
+        inside = _read_by_component(closed, y_spec, [*diff_spec, *nondiff_spec], t_spec)
+    except Exception:  # noqa: BLE001 - kept whole (see the docstring)
+        return read
+    return tuple(tuple(j for j in r if inside[i][j]) for i, r in enumerate(read))
+
+
+def _size(spec) -> int:
+    return int(np.prod(spec.shape, dtype=np.int64))
+
+
+def _read_by_component(closed, y_spec, arg_specs, t_spec) -> list:
+    """Per state leaf, a bool per component: whether the pullback ``closed`` (of (t, y, args,
+    f_bar)) reads it, each component of every input traced as a value of its own."""
+    from fusedrk.kernels import _grid
+
+    specs = [t_spec, *y_spec, *arg_specs, *y_spec]
+    if sum(_size(s) for s in specs) > MAX_TRACED_COMPONENTS:
+        raise ValueError("too many components to trace one by one")
+
+    def scalars(spec):
+        return [jax.ShapeDtypeStruct((), spec.dtype)] * _size(spec)
+
+    def per_component(*flat):
+        grids, i = [], 0
+        for spec in specs:
+            n = _size(spec)
+            grids.append(_grid.make_grid(list(flat[i: i + n]), spec.shape))
+            i += n
+        return [e for g in _grid.evaluate(closed, *grids) for e in _grid.to_grid(g).reshape(-1)]
+
+    program = jax.make_jaxpr(per_component)(*[c for s in specs for c in scalars(s)])
+    live = live_inputs(program.jaxpr)
+    invars, out, i = program.jaxpr.invars, [], _size(t_spec)
+    for spec in y_spec:
+        n = _size(spec)
+        out.append([v in live for v in invars[i: i + n]])
+        i += n
+    return out
+
+
+def vjp_reads_state(lane_fn, y_spec: tuple, diff_spec: list, nondiff_spec: list, t_spec) -> bool:
+    """Whether the field's VJP reads any state component (``read_components``)."""
+    return any(read_components(lane_fn, y_spec, diff_spec, nondiff_spec, t_spec))
 
 
 def live_inputs(jaxpr, outvars=None) -> set:
@@ -82,12 +146,13 @@ def _while_reads(eqn, used) -> list:
             + [init[j] for j in sorted(needed)])
 
 
-def field_reads_state(vector_field, y_lane, args=None) -> bool:
-    """``vjp_reads_state`` for a field ``vector_field(t, y, args)`` of one lane whose arguments
-    are constants (not differentiated): y_lane is a ShapeDtypeStruct (or array) of one lane's
-    state. For the benchmarks' tape accounting."""
+def field_read_components(vector_field, y_lane, args=None) -> tuple:
+    """``read_components`` for a field ``vector_field(t, y, args)`` of one lane with a single
+    state leaf and constant (not differentiated) arguments: y_lane is a ShapeDtypeStruct (or
+    array) of one lane's state. For the benchmarks' tape accounting (``tape_bytes``'s
+    ``tape_live``)."""
     spec = jax.ShapeDtypeStruct(y_lane.shape, y_lane.dtype)
-    return vjp_reads_state(lambda t, y, d, n: (vector_field(t, y[0], args),), [spec], [], [],
+    return read_components(lambda t, y, d, n: (vector_field(t, y[0], args),), [spec], [], [],
                            jax.ShapeDtypeStruct((), y_lane.dtype))
 
 

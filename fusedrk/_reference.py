@@ -15,10 +15,12 @@ pytrees of the user's state (that is ``_solve.py``). States here are tuples of [
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from . import _liveness, _schedule, _step, _uninitialised
@@ -40,9 +42,59 @@ class Config(NamedTuple):
     save_ts: bool  # True: save at ts; False: save y(t1) only
     rows: int  # loop bound: max_steps, or fewer for known fixed steps
     tape_rows: int  # R: rows of the tape ring, iterations per checkpointed segment (_schedule)
-    # Whether the tape stores each step's start state and increments: not when the field's
-    # VJP never reads the state (fusedrk/_liveness.py; a field linear in y).
-    tape_state: bool = True
+    # The state components the tape stores (each step's start state and increments): per
+    # leaf, the flat indices (C order over one lane's shape) of those the field's VJP reads
+    # (fusedrk/_liveness.py, ``read_components``); None: every component.
+    tape_live: Optional[tuple] = None
+
+    @property
+    def tape_state(self) -> bool:
+        """Whether the tape stores any state component (not for a field linear in y)."""
+        return self.tape_live is None or any(self.tape_live)
+
+
+def tape_columns(config: Config, leaf_sizes) -> tuple:
+    """The state components the tape stores, as indices into the state's components laid out
+    leaf after leaf (``leaf_sizes``: components per leaf), in order: the kernels' row layout."""
+    if config.tape_live is None:
+        return tuple(range(sum(leaf_sizes)))
+    columns, offset = [], 0
+    for live, size in zip(config.tape_live, leaf_sizes):
+        columns += [offset + j for j in live]
+        offset += size
+    return tuple(columns)
+
+
+def _stored(config: Config, state: tuple) -> tuple:
+    """What the tape keeps of a state (leaves [B, ...]): each leaf the VJP reads whole as it is,
+    a partly read one as its read components [B, n], an unread one not at all."""
+    if config.tape_live is None:
+        return state
+    out = []
+    for leaf, live in zip(state, config.tape_live):
+        size = math.prod(leaf.shape[1:])
+        if len(live) == size:
+            out.append(leaf)
+        elif live:
+            out.append(leaf.reshape(leaf.shape[0], size)[:, np.asarray(live)])
+    return tuple(out)
+
+
+def _unstored(config: Config, stored: tuple, zeros: tuple) -> tuple:
+    """The state ``_stored`` kept, with zeros (never read by the VJP) where it kept nothing."""
+    if config.tape_live is None:
+        return stored
+    kept, out = iter(stored), []
+    for zero, live in zip(zeros, config.tape_live):
+        size = math.prod(zero.shape[1:])
+        if len(live) == size:
+            out.append(next(kept))
+        elif live:
+            flat = zero.reshape(zero.shape[0], size).at[:, np.asarray(live)].set(next(kept))
+            out.append(flat.reshape(zero.shape))
+        else:
+            out.append(zero)
+    return tuple(out)
 
 
 class Times(NamedTuple):
@@ -64,8 +116,10 @@ LOOP = ("tprev", "tnext", "y", "f", "result")
 class Tape(NamedTuple):
     """A ring of R rows (row = iteration mod R) and one checkpoint per segment."""
 
-    y: tuple  # leaves [R, B, ...]: start state of each iteration (() without Config.tape_state)
-    k: tuple  # leaves [R, TAPE_STAGES, B, ...] (() without Config.tape_state)
+    # What ``_stored`` keeps of each iteration's start state and of its increments: leaves
+    # [R, B, ...] (a partly read leaf [R, B, n]; none without Config.tape_state)
+    y: tuple
+    k: tuple  # leaves [R, TAPE_STAGES, B, ...]
     # Adaptive steps only (None for fixed steps, whose reverse pass computes an iteration's
     # times with _step.fixed_interval and its accepted lanes from num_accepted: ``fixed_row``).
     tprev: Optional[jax.Array]  # [R, B]
@@ -162,14 +216,12 @@ def _advance(c, step: _step.Attempt) -> dict:
                 result=jnp.where(step.nonfinite, NONFINITE, c["result"]))
 
 
-def _write_row(tape: Tape, row, c, step: _step.Attempt) -> Tape:
+def _write_row(config: Config, tape: Tape, row, c, step: _step.Attempt) -> Tape:
     """Store what the reverse sweep reads of one iteration in ring row ``row``."""
+    ks = [_stored(config, k) for k in step.ks[:TAPE_STAGES]]
     tape = tape._replace(
-        y=tuple(buf.at[row].set(leaf) for buf, leaf in zip(tape.y, c["y"])),
-        k=tuple(
-            buf.at[row].set(jnp.stack([k[i] for k in step.ks[:TAPE_STAGES]]))
-            for i, buf in enumerate(tape.k)
-        ),
+        y=tuple(buf.at[row].set(leaf) for buf, leaf in zip(tape.y, _stored(config, c["y"]))),
+        k=tuple(buf.at[row].set(jnp.stack([k[i] for k in ks])) for i, buf in enumerate(tape.k)),
     )
     if tape.accepted is None:  # fixed steps: nothing else to store
         return tape
@@ -244,7 +296,7 @@ def forward(config: Config, field, times: Times, y0: tuple, *, with_tape: bool) 
         R = config.tape_rows
         segments = _schedule.num_segments(config.rows, R)
         spec = jax.ShapeDtypeStruct
-        stored = y0 if config.tape_state else ()
+        stored = _stored(config, y0)
         adaptive = config.adaptive
         carry["tape"] = _uninitialised.like(Tape(
             y=tuple(spec((R,) + y.shape, y.dtype) for y in stored),
@@ -277,7 +329,7 @@ def forward(config: Config, field, times: Times, y0: tuple, *, with_tape: bool) 
                 c, n, attempt.accept, c["tprev"], c["tnext"], c["y"], attempt.ks, times.ts
             )
         if with_tape:
-            out["tape"] = _write_row(c["tape"], row, c, attempt)
+            out["tape"] = _write_row(config, c["tape"], row, c, attempt)
         return out
 
     def checkpoint(c, segment):
@@ -577,7 +629,7 @@ def backward(config: Config, field, field_vjp, times: Times, y0: tuple, fwd: For
         def one(i, state):
             loop, tape = state
             attempt = _attempt(config, field, times, limits, loop, start + i)
-            return _advance(loop, attempt), _write_row(tape, i, loop, attempt)
+            return _advance(loop, attempt), _write_row(config, tape, i, loop, attempt)
 
         _, tape = lax.fori_loop(jnp.int32(0), count, one, (loop, tape))
         return (tape,) + c[1:]
@@ -595,8 +647,8 @@ def backward(config: Config, field, field_vjp, times: Times, y0: tuple, fwd: For
         else:
             tprev, tnext, mask = fixed_row(fixed_scalars, n, fwd.num_accepted)
         if config.tape_state:
-            y_start = tuple(buf[row] for buf in tape.y)
-            ks = tuple(tuple(buf[row, s] for buf in tape.k) for s in range(TAPE_STAGES))
+            y_start = _unstored(config, tuple(buf[row] for buf in tape.y), zeros)
+            ks = tuple(_unstored(config, tuple(buf[row, s] for buf in tape.k), zeros) for s in range(TAPE_STAGES))
         else:  # the field's VJP does not read the stage inputs built from these
             y_start, ks = zeros, (zeros,) * TAPE_STAGES
         pointer, due, y0_bar_saves, k_bars = inject_saves(n, tprev, tnext, pointer, due)

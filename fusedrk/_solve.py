@@ -195,16 +195,17 @@ def solve(
     split = _shard.batch_sharding(y_flat[0], sharding)
     # Each device keeps the tape of its own lanes: the plan is per device.
     per_device = B if split is None else -(-B // split.devices)
-    # Both backends leave the state out of the tape when the field's VJP never reads it.
-    tape_state = _liveness.vjp_reads_state(
+    # Both backends leave out of the tape the state components the field's VJP never reads.
+    tape_live = _tape_live(_liveness.read_components(
         lane_fn, [jax.ShapeDtypeStruct(y.shape[1:], y.dtype) for y in y_flat],
         [_lane_struct(x, a) for x, a in zip(diff_args, layout.diff_axes)],
-        [_lane_struct(x, a) for x, a in zip(nondiff_args, layout.nondiff_axes)], jax.ShapeDtypeStruct((), tdtype))
+        [_lane_struct(x, a) for x, a in zip(nondiff_args, layout.nondiff_axes)], jax.ShapeDtypeStruct((), tdtype)),
+        y_flat)
     plan = tape_plan(tuple(jax.ShapeDtypeStruct((per_device,) + y.shape[1:], y.dtype) for y in y_flat),
                      tdtype, rows=rows, backend=backend, adaptive=adaptive,
-                     known_fixed=num_steps is not None, tape_rows=tape_rows, tape_state=tape_state)
+                     known_fixed=num_steps is not None, tape_rows=tape_rows, tape_live=tape_live)
     config = _reference.Config(adaptive=adaptive, save_ts=ts is not None, rows=rows, tape_rows=plan.rows,
-                               tape_state=tape_state)
+                               tape_live=tape_live)
     core = _make_core(lane_fn, layout, config, plan, choose_dt0=dt0 is None, backend=backend, interpret=interpret,
                       throw=throw)
     # Traced on several devices, the forward's check runs on each device's own codes: outside
@@ -242,6 +243,13 @@ def solve(
         result=result,
         t_final=lax.stop_gradient(t_final),
     )
+
+
+def _tape_live(read: tuple, y_flat) -> Optional[tuple]:
+    """``Config.tape_live`` from ``_liveness.read_components``: None when every component is read."""
+    if all(len(r) == int(np.prod(y.shape[1:])) for r, y in zip(read, y_flat)):
+        return None
+    return read
 
 
 def _failure_message(code: int) -> str:
@@ -497,7 +505,7 @@ def _device_memory_bytes() -> int:
 
 
 def tape_bytes(rows: int, y_flat: tuple, time_itemsize: int, *, backend: str, adaptive: bool,
-               segments: int = 0, tape_state: bool = True) -> int:
+               segments: int = 0, tape_live: Optional[tuple] = None) -> int:
     """Bytes of the gradient tape ``backend`` stores for ``rows`` ring rows and ``segments``
     checkpoints.
 
@@ -508,12 +516,16 @@ def tape_bytes(rows: int, y_flat: tuple, time_itemsize: int, *, backend: str, ad
     lane tiles (B padded up to a multiple of the tile; counted here with the largest tile, so a
     field with block values, whose tiles are smaller, may store a little less), times for
     every lane, int32 flags and one-row placeholders for what they do not store. The jax
-    backend stores B lanes and a bool flag. Without ``tape_state`` (the field's VJP reads no
-    state: fusedrk/_liveness.py) rows hold no state or increments.
+    backend stores B lanes and a bool flag. Rows hold only the state components in
+    ``tape_live`` (``Config.tape_live``: those the field's VJP reads, fusedrk/_liveness.py;
+    None: all), and no state or increments when it holds none.
     """
     B = y_flat[0].shape[0]
-    state = sum(int(np.prod(y.shape[1:])) * y.dtype.itemsize for y in y_flat)
-    per_lane = (1 + TAPE_STAGES) * state if tape_state else 0
+    sizes = [int(np.prod(y.shape[1:])) for y in y_flat]
+    state = sum(n * y.dtype.itemsize for n, y in zip(sizes, y_flat))
+    live = [range(n) for n in sizes] if tape_live is None else tape_live
+    tape_state = any(live)
+    per_lane = (1 + TAPE_STAGES) * sum(len(cols) * y.dtype.itemsize for cols, y in zip(live, y_flat))
     extra = 0
     if backend == "pallas":
         from fusedrk.kernels import _triton
@@ -563,10 +575,10 @@ class TapePlan(NamedTuple):
 
 
 def tape_plan(y_flat: tuple, tdtype, *, rows: int, backend: str, adaptive: bool, known_fixed: bool,
-              tape_rows: Optional[int] = None, tape_state: bool = True) -> TapePlan:
+              tape_rows: Optional[int] = None, tape_live: Optional[tuple] = None) -> TapePlan:
     """The tape a gradient of this solve stores: R chosen by ``_schedule.choose_tape_rows``
     (or ``tape_rows`` capped at the loop's ``rows``), its segments and its bytes."""
-    sizes = dict(backend=backend, adaptive=adaptive, tape_state=tape_state)
+    sizes = dict(backend=backend, adaptive=adaptive, tape_live=tape_live)
     itemsize = np.dtype(tdtype).itemsize
     R = _schedule.choose_tape_rows(
         tape_rows, rows=rows, known_fixed=known_fixed, row_bytes=tape_bytes(1, y_flat, itemsize, **sizes),

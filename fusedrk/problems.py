@@ -252,6 +252,11 @@ def piecewise_field(t, y, p):
     return -p * soft + jax.nn.relu(1.0 - y) * 0.5 - jax.nn.sigmoid(y[::-1]) * y
 
 
+def pendulum_cost_field(t, y, p):  # [angle, velocity, running cost of the angle's error]
+    theta, omega = y[0], y[1]
+    return jnp.stack([omega, -p["g"] * jnp.sin(theta) + p["u"] * jnp.cos(2.0 * t), (theta - p["target"]) ** 2])
+
+
 class Case(NamedTuple):
     """One catalogue entry, built for a batch: solve from t = 0 to ``t1``."""
 
@@ -294,10 +299,15 @@ def catalogue(B: int, dtype=jnp.float32) -> dict:
         "pytree-state": Case(pytree_state_field, {"x": lanes(()), "v": lanes((3,))}, {"c": a(0.2), "k": lanes(())},
                              {"c": None, "k": 0}, 0.05, 0.3),
         "piecewise": Case(piecewise_field, lanes((3,), -2, 2), lanes((), 0.5, 2), 0, 0.05, 0.3),
+        # Its VJP reads the angle only (the velocity enters linearly, the cost not at all): the
+        # tape stores one component of three (fusedrk/_liveness.py).
+        "pendulum-cost": Case(pendulum_cost_field, jnp.stack([lanes((), -1, 1), lanes((), -1, 1), a(np.zeros(B))], 1),
+                              {"g": lanes((), 5, 15), "u": a(0.5), "target": lanes(())}, {"g": 0, "u": None, "target": 0},
+                              0.05, 0.3),
     }
 
 
 # catalogue()'s keys, sorted, without building any array.
 CATALOGUE_NAMES = ("double-pendulum", "fitzhugh-nagumo", "hodgkin-huxley", "kuramoto-8", "lorenz-vector",
-                   "lotka-volterra-5", "neural-ode-mlp", "oscillator", "piecewise", "pytree-state",
+                   "lotka-volterra-5", "neural-ode-mlp", "oscillator", "pendulum-cost", "piecewise", "pytree-state",
                    "reaction-network", "rigid-body", "seir")

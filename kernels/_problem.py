@@ -112,7 +112,12 @@ class TileField(NamedTuple):
 
     @property
     def num_components(self) -> int:
-        return sum(math.prod(s) for s in self.y_shapes)
+        return sum(self.leaf_sizes)
+
+    @property
+    def leaf_sizes(self) -> tuple:
+        """Components of each state leaf (one lane)."""
+        return tuple(math.prod(s) for s in self.y_shapes)
 
     # -- outside the kernels: batched arrays <-> component arrays
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from fusedrk import _schedule, _step
-from fusedrk._reference import MAX_STEPS_REACHED, NONFINITE, SUCCESSFUL, TAPE_STAGES, Config, Times
+from fusedrk._reference import MAX_STEPS_REACHED, NONFINITE, SUCCESSFUL, TAPE_STAGES, Config, Times, tape_columns
 
 from . import _triton
 from ._problem import TileProblem, pad_lanes
@@ -35,8 +35,9 @@ NEVER_SAVED = 2**31 - 1
 class KernelTape(NamedTuple):
     """A ring of R rows (row = iteration mod R) and one checkpoint per segment (``_schedule``)."""
 
-    # [R, (1 + TAPE_STAGES) * L, Bp]: start state then k_1..k_6, per leaf; a [1, 1, Bp]
-    # placeholder, never written or read, without Config.tape_state (the VJP reads no state).
+    # [R, (1 + TAPE_STAGES) * C, Bp]: start state then k_1..k_6, each as the C components the
+    # field's VJP reads (``_reference.tape_columns``); a [1, 1, Bp] placeholder, never written
+    # or read, when it reads none (Config.tape_state false).
     states: jax.Array
     # Adaptive steps only; with fixed steps [1, 2, Bp] and [1, Bp] placeholders, never written
     # or read (the reverse kernel computes times and accepted lanes: _reference.fixed_row).
@@ -117,13 +118,14 @@ def attempt(config: Config, field, k: Scalars, n, tprev, tnext, y, f, result) ->
     )
 
 
-def tape_shapes(config: Config, L: int, Bp: int, segments: int, dtype, tdtype) -> list:
-    """The ShapeDtypeStructs of a KernelTape's fields (``_solve.tape_bytes`` counts them)."""
+def tape_shapes(config: Config, L: int, stored: int, Bp: int, segments: int, dtype, tdtype) -> list:
+    """The ShapeDtypeStructs of a KernelTape's fields (``_solve.tape_bytes`` counts them), for
+    L state components of which the ring stores ``stored`` (``_reference.tape_columns``)."""
     R = config.tape_rows
     adaptive = config.adaptive
     spec = jax.ShapeDtypeStruct
     return [
-        spec((R, (1 + TAPE_STAGES) * L, Bp) if config.tape_state else (1, 1, Bp), dtype),
+        spec((R, (1 + TAPE_STAGES) * stored, Bp) if stored else (1, 1, Bp), dtype),
         spec((R if adaptive else 1, 2, Bp), tdtype),
         spec((R if adaptive else 1, Bp), jnp.int32),
         spec((segments, 2 * L, Bp), dtype),
@@ -146,7 +148,7 @@ def skips_finished_rows(config: Config) -> bool:
     return config.adaptive and SKIP_FINISHED_ROWS
 
 
-def write_row(config: Config, ring_refs, row, lanes, tprev, tnext, y, step: _step.Attempt,
+def write_row(config: Config, ring_refs, row, lanes, tprev, tnext, y, step: _step.Attempt, columns: tuple,
               interpret: bool) -> None:
     """Store what the reverse sweep reads of one iteration in ring row ``row``.
 
@@ -155,14 +157,15 @@ def write_row(config: Config, ring_refs, row, lanes, tprev, tnext, y, step: _ste
     so a tile whose lanes finish apart stops moving their bytes. A lane runs from iteration 0 for as many iterations as it accepted or
     rejected steps, so the reverse kernel knows which of its rows were written
     (``reverse.load_row``). Fixed-step lanes all run every iteration: every lane writes.
+    Of the state and each increment, only the components in ``columns`` are stored (those the
+    field's VJP reads: ``_reference.tape_columns``), the j-th of them at s * len(columns) + j.
     """
     states_ref, times_ref, accepted_ref = ring_refs
-    L = len(y)
     written = step.accept | step.reject if skips_finished_rows(config) else None
-    if config.tape_state:
-        for s, state in enumerate((y,) + step.ks[:TAPE_STAGES]):
-            for leaf_index, leaf in enumerate(state):
-                _triton.store_lanes(states_ref.at[row, jnp.int32(s * L + leaf_index), lanes], leaf, written, interpret)
+    for s, state in enumerate((y,) + step.ks[:TAPE_STAGES]):
+        for j, component in enumerate(columns):
+            _triton.store_lanes(states_ref.at[row, jnp.int32(s * len(columns) + j), lanes], state[component],
+                                written, interpret)
     if config.adaptive:
         _triton.store_lanes(times_ref.at[row, jnp.int32(0), lanes], tprev, written, interpret)
         _triton.store_lanes(times_ref.at[row, jnp.int32(1), lanes], tnext, written, interpret)
@@ -206,6 +209,7 @@ def forward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff:
     dtype = y0[0].dtype
     components = tiles.components(y0)  # the kernels see one [B] array per state component
     L = len(components)
+    columns = tape_columns(config, tiles.leaf_sizes)  # the components each tape row stores
     arg_inputs, arg_axes = tiles.arg_inputs(diff, nondiff)
     y0p, argsp = pad_lanes(Bp, (components, [0] * L), (arg_inputs, arg_axes))
     inputs = [*y0p, *argsp, times.ts, *time_scalars(times, config, dtype)]
@@ -216,7 +220,7 @@ def forward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff:
     out_shape += [jax.ShapeDtypeStruct((num_tiles,), jnp.int32)]  # iterations per tile
     out_shape += [jax.ShapeDtypeStruct((Bp,), tdtype)]  # time each lane reached
     if with_tape:
-        out_shape += tape_shapes(config, L, Bp, segments, dtype, tdtype)
+        out_shape += tape_shapes(config, L, len(columns), Bp, segments, dtype, tdtype)
 
     def kernel(*refs):
         ins, outs = refs[: len(inputs)], refs[len(inputs):]
@@ -271,7 +275,7 @@ def forward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff:
                     attempted.ks, c["save_index"], c["first_unsaved"],
                 )
             if with_tape:
-                write_row(config, ring_refs, row, lanes, tprev, tnext, y, attempted, interpret)
+                write_row(config, ring_refs, row, lanes, tprev, tnext, y, attempted, columns, interpret)
             return out
 
         def checkpoint(c, segment):

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from fusedrk import _schedule, _step
-from fusedrk._reference import NONFINITE, TAPE_STAGES, Config, Times, fixed_row
+from fusedrk._reference import NONFINITE, TAPE_STAGES, Config, Times, fixed_row, tape_columns
 from fusedrk._tableau import NUM_STAGES
 
 from . import _triton
@@ -59,6 +59,7 @@ def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff
     dtype = y0[0].dtype
     components = tiles.components(y0)
     L = len(components)
+    columns = tape_columns(config, tiles.leaf_sizes)  # the components each tape row stores
     arg_inputs, arg_axes = tiles.arg_inputs(diff, nondiff)
     y0p, argsp = pad_lanes(Bp, (components, [0] * L), (arg_inputs, arg_axes))
     # Cotangents of the outputs, one [T, Bp] row block per state component, zero padded.
@@ -167,7 +168,7 @@ def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff
             def one(i, loop):
                 tprev, tnext, y, f, result = loop
                 attempted = attempt(config, field, k, start + i, tprev, tnext, y, f, result)
-                write_row(config, ring_refs, i, lanes, tprev, tnext, y, attempted, interpret)
+                write_row(config, ring_refs, i, lanes, tprev, tnext, y, attempted, columns, interpret)
                 return (attempted.tprev, attempted.tnext, attempted.y, attempted.f,
                         jnp.where(attempted.nonfinite, NONFINITE, result))
 
@@ -194,11 +195,13 @@ def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff
                 loaded["mask"] = _triton.load_lanes(accepted_ref.at[row, lanes], written, 0, interpret) != 0
                 loaded["tprev"] = _triton.load_lanes(times_ref.at[row, jnp.int32(0), lanes], written, t_start, interpret)
                 loaded["tnext"] = _triton.load_lanes(times_ref.at[row, jnp.int32(1), lanes], written, t_start, interpret)
-            if config.tape_state:
+            if config.tape_state:  # the stored components; the VJP never reads the others (zeros)
                 fallback = [y_init] + [zeros] * TAPE_STAGES
+                position = {component: j for j, component in enumerate(columns)}
                 loaded["stored"] = [
-                    tuple(_triton.load_lanes(states_ref.at[row, jnp.int32(s * L + leaf), lanes], written,
-                                             fallback[s][leaf], interpret) for leaf in range(L))
+                    tuple(_triton.load_lanes(states_ref.at[row, jnp.int32(s * len(columns) + position[i]), lanes],
+                                             written, fallback[s][i], interpret) if i in position else zeros[i]
+                          for i in range(L))
                     for s in range(1 + TAPE_STAGES)]
             return loaded
 

@@ -182,6 +182,18 @@ MUTANTS = [
            "fallback = [zeros] * (1 + TAPE_STAGES)",
            ("tests/test_kernels.py::test_gradients_of_lanes_finishing_apart_equal_the_jax_backend",),
            "an unwritten row reads as the state 0, where a field may be singular"),
+    # -- the tape stores only the state components the VJP reads (2026-12-07)
+    Mutant("fusedrk/_liveness.py", "    invars, out, i = program.jaxpr.invars, [], _size(t_spec)",
+           "    invars, out, i = program.jaxpr.invars, [], 0",
+           ("tests/test_tape.py::test_which_fields_vjp_reads_the_state",),
+           "the per-component liveness reads the flags of the wrong inputs"),
+    Mutant("fusedrk/_reference.py", "out.append(leaf.reshape(leaf.shape[0], size)[:, np.asarray(live)])",
+           "out.append(leaf.reshape(leaf.shape[0], size)[:, :len(live)])",
+           ("tests/test_tape.py::test_a_tape_of_the_components_the_vjp_reads_gives_the_same_gradients",),
+           "the jax backend stores the first components of a partly read leaf, not the read ones"),
+    Mutant("kernels/reverse.py", "jnp.int32(s * len(columns) + position[i])", "jnp.int32(s * len(columns) + i)",
+           ("tests/test_tape.py::test_a_tape_of_the_components_the_vjp_reads_gives_the_same_gradients",),
+           "the reverse kernel reads a stored component from the column of its index in the state"),
 ]
 
 

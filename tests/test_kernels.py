@@ -186,23 +186,34 @@ def test_auto_chooses_jax_without_a_gpu():
     np.testing.assert_array_equal(sol.ys, ref.ys)
 
 
-@pytest.mark.parametrize("tape_state", [True, False], ids=["state", "no-state"])
+# Which state components the tape stores (Config.tape_live) of Lorenz as three scalar leaves
+# and as one [3] leaf: all, none, some (the second not).
+TAPE_LIVE = {"leaves-all": None, "leaves-none": ((), (), ()), "leaves-some": ((0,), (), (0,)),
+             "vector-all": None, "vector-none": ((),), "vector-some": ((0, 2),)}
+
+
+@pytest.mark.parametrize("live", TAPE_LIVE)
 @pytest.mark.parametrize("adaptive", [False, True], ids=["fixed", "adaptive"])
 @pytest.mark.parametrize("B", [7, 129])
-def test_tape_bytes_is_what_each_backend_allocates(B, adaptive, tape_state):
+def test_tape_bytes_is_what_each_backend_allocates(B, adaptive, live):
     p = problems.LORENZ
     y0, rho = p.make(B, jnp.float32)
+    field = p.field
+    if live.startswith("vector"):
+        y0, field = (jnp.stack(y0, axis=1),), lambda t, y, r: jnp.stack(p.field(t, tuple(y), r))
     config = _reference.Config(adaptive=adaptive, save_ts=False, rows=10, tape_rows=4,  # 3 segments
-                               tape_state=tape_state)
+                               tape_live=TAPE_LIVE[live])
     one = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
     times = _reference.Times(direction=jnp.asarray(1), t_start=one(0.0), t_end=one(1.0), dt0=one(0.1),
                              ts=jnp.zeros((1,), jnp.float32), rtol=one(1e-6), atol=one(1e-6))
 
     def lane_fn(t, y, diff, nondiff):
-        return tuple(jnp.broadcast_to(o, y[0].shape) for o in p.field(t, y, diff[0]))
+        out = field(t, y if len(y) > 1 else y[0], diff[0])
+        return tuple(jnp.broadcast_to(o, y_.shape) for o, y_ in zip(out if len(y) > 1 else (out,), y))
 
     def batched(t, y):
-        return jax.vmap(p.field, in_axes=(0 if jnp.ndim(t) else None, 0, 0))(t, y, rho)
+        out = jax.vmap(field, in_axes=(0 if jnp.ndim(t) else None, 0, 0))(t, y if len(y) > 1 else y[0], rho)
+        return out if len(y) > 1 else (out,)
 
     kernel = jax.eval_shape(lambda y, r: kernels.forward(config, kernels.TileProblem(lane_fn, (0,), ()), times, y,
                                                          [r], [], with_tape=True, interpret=True), y0, rho)
@@ -210,7 +221,7 @@ def test_tape_bytes_is_what_each_backend_allocates(B, adaptive, tape_state):
     for backend, fwd in (("pallas", kernel), ("jax", reference)):
         allocated = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(fwd.tape))
         assert fusedrk._solve.tape_bytes(4, y0, 4, backend=backend, adaptive=adaptive, segments=3,
-                                         tape_state=tape_state) == allocated, backend
+                                         tape_live=TAPE_LIVE[live]) == allocated, backend
 
 
 def test_step_algebra_is_shared_not_copied():
@@ -238,7 +249,7 @@ def test_finished_adaptive_lanes_write_no_tape_rows(x64):
     # output nothing wrote with NaN, so the rows a lane wrote are exactly those finite.
     B, R = 5, 160
     y0, rate = jnp.linspace(0.5, 1.5, B), jnp.geomspace(0.5, 20.0, B)
-    config = _reference.Config(adaptive=True, save_ts=False, rows=R, tape_rows=R, tape_state=True)
+    config = _reference.Config(adaptive=True, save_ts=False, rows=R, tape_rows=R)
     one = lambda x: jnp.asarray(x, jnp.float64)  # noqa: E731
     times = _reference.Times(direction=jnp.asarray(1), t_start=one(0.0), t_end=one(2.0), dt0=one(0.05),
                              ts=jnp.zeros((1,), jnp.float64), rtol=one(1e-7), atol=one(1e-9))

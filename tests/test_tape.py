@@ -233,36 +233,78 @@ def test_the_automatic_rule():
 def test_which_fields_vjp_reads_the_state():
     from fusedrk import _liveness
 
-    def reads(field, y=jnp.ones(3), args=(), axes=()):
+    def reads(field, y=jnp.ones(3), args=()):
         def lane_fn(t, y_leaves, diff, nondiff):
             return (field(t, y_leaves[0], *diff),)
 
         spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)  # noqa: E731
-        return _liveness.vjp_reads_state(lane_fn, [spec(y)], [spec(a) for a in args], [],
-                                         jax.ShapeDtypeStruct((), jnp.float32))
+        (read,) = _liveness.read_components(lane_fn, [spec(y)], [spec(a) for a in args], [],
+                                            jax.ShapeDtypeStruct((), jnp.float32))
+        return read
 
     A = jnp.eye(3)
-    assert not reads(lambda t, y: -0.5 * y + jnp.sin(t))  # linear in y: the seed
-    assert reads(lambda t, y, A: A @ y, args=(A,))  # A's cotangent is f_bar y^T
-    assert reads(lambda t, y, k: -k * y, args=(jnp.asarray(2.0),))
-    assert reads(lambda t, y: jnp.sin(y))
-    assert reads(lambda t, y: y * y)
-    assert not reads(lambda t, y, k: -0.5 * y + k, args=(jnp.asarray(2.0),))  # an additive argument
-    assert not reads(lambda t, y: jnp.roll(y, 1) - 2.0 * y)  # rearranged, still linear
+    assert reads(lambda t, y: -0.5 * y + jnp.sin(t)) == ()  # linear in y: the seed
+    assert reads(lambda t, y, A: A @ y, args=(A,)) == (0, 1, 2)  # A's cotangent is f_bar y^T
+    assert reads(lambda t, y, k: -k * y, args=(jnp.asarray(2.0),)) == (0, 1, 2)
+    assert reads(lambda t, y: jnp.sin(y)) == (0, 1, 2)
+    assert reads(lambda t, y: y * y) == (0, 1, 2)
+    assert reads(lambda t, y, k: -0.5 * y + k, args=(jnp.asarray(2.0),)) == ()  # an additive argument
+    assert reads(lambda t, y: jnp.roll(y, 1) - 2.0 * y) == ()  # rearranged, still linear
+    # Component by component inside a leaf: a pendulum (the velocity enters linearly) with its
+    # running cost (never an input), a product of two, a parameter multiplying one.
+    assert reads(lambda t, y: jnp.stack([y[1], -jnp.sin(y[0]), y[0] ** 2])) == (0,)
+    assert reads(lambda t, y: jnp.array([y[0] * y[2], y[1], 1.0])) == (0, 2)
+    assert reads(lambda t, y, c: _pendulum_with_cost(t, y, c), args=(jnp.asarray(2.0),)) == (0, 2)
+    assert reads(lambda t, y, k: jnp.array([y[1], -k * y[2], y[0]]), args=(jnp.asarray(2.0),)) == (2,)
+    assert reads(lambda t, y: jnp.stack([y[0], y[1] * y[2], y[0]])) == (1, 2)
+    # Conservative: a zero coefficient still reads (0 * inf is NaN), a loop reads its whole leaf.
+    assert reads(lambda t, y: jnp.sin(y) * jnp.array([1.0, 0.0, 1.0])) == (0, 1, 2)
+    assert reads(lambda t, y: jax.lax.fori_loop(0, 2, lambda i, v: v * y[0], y)) == (0, 1, 2)
+    # Leaves: a state of two leaves whose second the VJP never reads.
+    spec = jax.ShapeDtypeStruct((2,), jnp.float32)
+    assert _liveness.read_components(lambda t, y, d, n: (jnp.sin(y[0]), y[0] + y[1]), [spec, spec], [], [],
+                                     jax.ShapeDtypeStruct((), jnp.float32)) == ((0, 1), ())
 
 
-@pytest.mark.parametrize("backend, adaptive", [("jax", False), ("jax", True), ("pallas", True)])
-def test_a_tape_without_the_state_gives_the_same_gradients(x64, monkeypatch, backend, adaptive):
-    """A field linear in y (no differentiable argument multiplying it) has a VJP that never
-    reads the stage inputs: the tape leaves out the state and the six increments of each step
-    (the seed's whole tape: 52 MB -> 2 MB of temporaries at 800 steps x 2,250 lanes in float32
-    on the jax backend), and values and gradients are exactly those of a tape that keeps them."""
+def _pendulum_with_cost(t, y, c):
+    # [angle, running cost, velocity] with cubic drag: the VJP reads the angle and the velocity,
+    # never the cost (no input of the field).
+    return jnp.stack([y[2], y[0] ** 2, -c * jnp.sin(y[0]) - 0.05 * y[2] ** 3 + 0.3 * jnp.cos(2.0 * t)])
+
+
+def _pendulum_leaves(t, y, c):
+    # {"cost": running cost, "x": [velocity, angle]}: the VJP reads the angle only, the second
+    # component of the second leaf (the kernels' third component).
+    v, theta = y["x"][0], y["x"][1]
+    return {"cost": theta ** 2, "x": jnp.stack([-c * jnp.sin(theta) + 0.3 * jnp.cos(2.0 * t), v])}
+
+
+def _linear_field(t, y, c):
+    return -0.7 * y + jnp.roll(y, 1) * 0.2 + c * jnp.sin(3.0 * t)
+
+
+TAPE_CASES = [(field, stored, backend, adaptive) for field, stored, modes in (
+    (_linear_field, 0, [("jax", False), ("jax", True), ("pallas", True)]),
+    (_pendulum_with_cost, 2, [("jax", False)]),
+    (_pendulum_leaves, 1, [("jax", True), ("pallas", True)]),
+) for backend, adaptive in modes]
+
+
+@pytest.mark.parametrize("field, stored, backend, adaptive", TAPE_CASES,
+                         ids=[f"{f.__name__.strip('_')}-{b}-{'adaptive' if a else 'fixed'}" for f, _, b, a in TAPE_CASES])
+def test_a_tape_of_the_components_the_vjp_reads_gives_the_same_gradients(x64, monkeypatch, backend, adaptive,
+                                                                         field, stored):
+    """The tape stores only the state components the field's VJP reads (``Config.tape_live``):
+    none of a field linear in y (no differentiable argument multiplying it; the seed's whole
+    tape: 52 MB -> 2 MB of temporaries at 800 steps x 2,250 lanes in float32 on the jax
+    backend), two of three of a pendulum with its running cost, one of three of a pendulum
+    whose state is two leaves. Values and gradients are
+    exactly those of a tape that keeps every component."""
     from fusedrk import _liveness
 
-    def field(t, y, c):
-        return -0.7 * y + jnp.roll(y, 1) * 0.2 + c * jnp.sin(3.0 * t)
-
     y0 = jnp.asarray(np.random.default_rng(0).uniform(0.5, 1.5, (6, 3)))
+    if field is _pendulum_leaves:
+        y0 = {"cost": y0[:, 0], "x": y0[:, 1:]}
     c = jnp.linspace(0.5, 1.0, 6)
     kw = dict(rtol=1e-8, atol=1e-8) if adaptive else {}
 
@@ -270,20 +312,23 @@ def test_a_tape_without_the_state_gives_the_same_gradients(x64, monkeypatch, bac
         def loss(y0, c):
             sol = fusedrk.solve(field, y0, 0.0, 2.0, args=c, args_axes=0, dt0=0.05, ts=jnp.linspace(0.0, 2.0, 5),
                                 max_steps=200, backend=backend, interpret=backend == "pallas", **kw)
-            return jnp.sum(jnp.sin(sol.ys))
+            return sum(jnp.sum(jnp.sin(ys)) for ys in jax.tree_util.tree_leaves(sol.ys))
 
         fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
         return fn(y0, c), fn.lower(y0, c).compile().memory_analysis().temp_size_in_bytes
 
     (value, grads), lean = compiled()
-    monkeypatch.setattr(_liveness, "vjp_reads_state", lambda *a: True)
+    monkeypatch.setattr(_liveness, "read_components", lambda lane_fn, y_spec, *a: tuple(
+        tuple(range(int(np.prod(s.shape)))) for s in y_spec))
     (ref_value, ref_grads), full = compiled()
     np.testing.assert_allclose(value, ref_value, rtol=F64_TOL)
     assert_tree_close(grads, ref_grads, rtol=F64_TOL)
-    # The full tape holds 7 x 3 float64 more per lane and row: 168 bytes x 6 lanes x its rows
-    # (max_steps adaptive; the 40 fixed steps and one spare row otherwise).
+    # The full tape holds 7 x (3 - stored) float64 more per lane and row than the lean one: x 6
+    # lanes x its rows (max_steps adaptive; the 40 fixed steps and one spare row otherwise).
+    # Less up to two rows of the stored components: a partly stored leaf is gathered into a
+    # temporary before its row is written (measured: 344 bytes, the jax backend, fixed steps).
     rows = 200 if adaptive else 41
-    assert full - lean >= 7 * 3 * 8 * 6 * rows, (full, lean)
+    assert full - lean >= 7 * 8 * 6 * ((3 - stored) * rows - 2 * stored), (full, lean)
 
 
 def test_a_forward_solve_of_a_field_without_a_vjp_still_runs():
