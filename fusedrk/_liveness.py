@@ -1,7 +1,7 @@
 """What the field's VJP reads, decided once per solve from its jaxpr.
 
 Owns: the field's pullback (``pullback``); ``read_components``, the one rule by which both
-backends decide which state components the tape stores (``vjp_reads_state``: whether any);
+backends decide which state components the tape stores;
 ``live_inputs``, the dependence rule beneath it, which AllSaveAdjoint also uses to leave
 write-only loop buffers out of its residuals.
 The reverse sweep rebuilds each stage's input from the stored start state and increments and
@@ -34,10 +34,14 @@ def pullback(lane_fn):
     return pull
 
 
-# The most scalar inputs (state, arguments and cotangent components of one lane) for which
-# ``read_components`` looks inside array leaves: it then traces the VJP once per component, a
-# few milliseconds for the catalogue's fields; larger fields keep whole leaves.
-MAX_TRACED_COMPONENTS = 1024
+# The most scalar inputs (state, arguments and cotangent components of one lane, time) for
+# which ``read_components`` looks inside array leaves: it traces the VJP once more with each
+# of them a value of its own, on every trace of a solve (2-core VM, warm: pendulum-cost 7-10
+# ms, hodgkin-huxley 16-36 ms, against 0.4-0.7 s for the rest of an eager solve's trace and
+# dispatch; a 30-component field with a traced 30 x 30 matrix, 961 inputs, 0.38 s). Beyond
+# this a field keeps whole leaves: one with many inputs mostly has a matrix reading them all
+# (the catalogue's MLP, 293 inputs with its shared weights, reads every component).
+MAX_TRACED_COMPONENTS = 256
 
 
 def read_components(lane_fn, y_spec: tuple, diff_spec: list, nondiff_spec: list, t_spec) -> tuple:
@@ -49,8 +53,10 @@ def read_components(lane_fn, y_spec: tuple, diff_spec: list, nondiff_spec: list,
     components, component by component from the same pullback evaluated by the kernels'
     interpreter, which gives every component its own value (``y[0]`` reads one; ``A @ y``
     with a traced A all). Conservative: a call or control-flow primitive whose outputs are
-    used counts as reading all of its inputs, a leaf the interpreter cannot take (a loop in
-    the field, data-dependent indexing) is read whole, and a field whose VJP cannot be traced
+    used counts as reading all of its inputs (inside a leaf the interpreter inlines calls), a
+    leaf the interpreter cannot take (a loop in the field, data-dependent indexing, a field
+    with over MAX_TRACED_COMPONENTS inputs, no kernels package) is read whole, and a field
+    whose VJP cannot be traced
     (a forward-only solve of a field with a host callback, say) reads everything: the
     gradient, if ever taken, reports the real error."""
     whole = tuple(tuple(range(_size(s))) for s in y_spec)
@@ -103,11 +109,6 @@ def _read_by_component(closed, y_spec, arg_specs, t_spec) -> list:
         out.append([v in live for v in invars[i: i + n]])
         i += n
     return out
-
-
-def vjp_reads_state(lane_fn, y_spec: tuple, diff_spec: list, nondiff_spec: list, t_spec) -> bool:
-    """Whether the field's VJP reads any state component (``read_components``)."""
-    return any(read_components(lane_fn, y_spec, diff_spec, nondiff_spec, t_spec))
 
 
 def live_inputs(jaxpr, outvars=None) -> set:
