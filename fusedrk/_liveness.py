@@ -56,9 +56,8 @@ def read_components(lane_fn, y_spec: tuple, diff_spec: list, nondiff_spec: list,
     used counts as reading all of its inputs (inside a leaf the interpreter inlines calls), a
     leaf the interpreter cannot take (a loop in the field, data-dependent indexing, a field
     with over MAX_TRACED_COMPONENTS inputs, no kernels package) is read whole, and a field
-    whose VJP cannot be traced
-    (a forward-only solve of a field with a host callback, say) reads everything: the
-    gradient, if ever taken, reports the real error."""
+    whose VJP cannot be traced (a forward-only solve of a field with a host callback, say)
+    reads everything: the gradient, if ever taken, reports the real error."""
     whole = tuple(tuple(range(_size(s))) for s in y_spec)
     try:
         closed = jax.make_jaxpr(pullback(lane_fn))(t_spec, tuple(y_spec), list(diff_spec), list(nondiff_spec),
