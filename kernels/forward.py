@@ -154,9 +154,10 @@ def write_row(config: Config, ring_refs, row, lanes, tprev, tnext, y, step: _ste
 
     With adaptive steps only the lanes running at the iteration's start write (those that
     accepted or rejected its step): a lane that has finished (or failed) never writes again,
-    so a tile whose lanes finish apart stops moving their bytes. A lane runs from iteration 0 for as many iterations as it accepted or
-    rejected steps, so the reverse kernel knows which of its rows were written
-    (``reverse.load_row``). Fixed-step lanes all run every iteration: every lane writes.
+    so a tile whose lanes finish apart stops moving their bytes. A lane runs from iteration 0
+    for as many iterations as it accepted or rejected steps, so the reverse kernel knows which
+    of its rows were written (``reverse.load_row``). Fixed-step lanes all run every iteration:
+    every lane writes.
     Of the state and each increment, only the components in ``columns`` are stored (those the
     field's VJP reads: ``_reference.tape_columns``), the j-th of them at s * len(columns) + j.
     """

@@ -60,6 +60,7 @@ def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff
     components = tiles.components(y0)
     L = len(components)
     columns = tape_columns(config, tiles.leaf_sizes)  # the components each tape row stores
+    position = {component: j for j, component in enumerate(columns)}  # its column in a row block
     arg_inputs, arg_axes = tiles.arg_inputs(diff, nondiff)
     y0p, argsp = pad_lanes(Bp, (components, [0] * L), (arg_inputs, arg_axes))
     # Cotangents of the outputs, one [T, Bp] row block per state component, zero padded.
@@ -197,7 +198,6 @@ def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff
                 loaded["tnext"] = _triton.load_lanes(times_ref.at[row, jnp.int32(1), lanes], written, t_start, interpret)
             if config.tape_state:  # the stored components; the VJP never reads the others (zeros)
                 fallback = [y_init] + [zeros] * TAPE_STAGES
-                position = {component: j for j, component in enumerate(columns)}
                 loaded["stored"] = [
                     tuple(_triton.load_lanes(states_ref.at[row, jnp.int32(s * len(columns) + position[i]), lanes],
                                              written, fallback[s][i], interpret) if i in position else zeros[i]
