@@ -1,7 +1,7 @@
 """Do the Pallas kernels compile for an H100? Checked without a GPU, through the public ``solve``.
 
-    python bench/compile_check.py [--group solves catalogue components sizes] [--variants NAME ...]
-                                  [--json FILE] [--keep DIR]
+    python bench/compile_check.py [--group solves catalogue components sizes launch] [--variants NAME ...]
+                                  [--launch TILE WARPS] [--json FILE] [--keep DIR]
 
 Two levels, over groups of variants; each variant is the ``jit(grad)`` of a loss through
 ``fusedrk.solve(backend="pallas")``, so it lowers one forward and one reverse kernel:
@@ -19,6 +19,9 @@ Two levels, over groups of variants; each variant is the ``jit(grad)`` of a loss
   hidden units, to time the compile against the field's size (``MAX_TILE_OPERATIONS``). Its
   weights are blocks now (``MIN_BLOCK_COMPONENTS``); the per-weight measurements in
   bench/README.md were taken at commit cc03775.
+- ``launch`` (``LAUNCH_VARIANTS``, only on request): the seed and seed-nl at 2,250 lanes, to
+  compare the launch ``kernels/_triton.choose_launch`` picks with another (``--launch TILE WARPS``
+  forces one on every kernel without block values).
 
 By default the ``solves`` and ``catalogue`` groups run. Two levels of checking:
 
@@ -150,8 +153,11 @@ COMPONENT_VARIANTS = ([CatalogueVariant(f"chain-{n}", "float32", False) for n in
 # field's size in tile operations (``kernels._problem.MAX_TILE_OPERATIONS``).
 HIDDEN = (4, 8, 16, 32)
 SIZE_VARIANTS = [CatalogueVariant(f"mlp-{h}", "float32", False) for h in HIDDEN]
+# The seeds at the 2,250 lanes bench/gpu_check.py times at several launch shapes: the launch
+# choose_launch picks for them (16 lanes, 1 warp on 132 SMs) against ``--launch 128 4``.
+LAUNCH_VARIANTS = [CatalogueVariant(name, "float32", False, 2250) for name in ("seed", "seed-nl")]
 GROUPS = {"solves": VARIANTS, "catalogue": CATALOGUE_VARIANTS, "components": COMPONENT_VARIANTS,
-          "sizes": SIZE_VARIANTS}
+          "sizes": SIZE_VARIANTS, "launch": LAUNCH_VARIANTS}
 
 
 def chain_field(t, y, k):
@@ -359,9 +365,10 @@ def compile_variant(v: Variant, mesh, dump: str, ptxas: str, keep: str | None = 
         if keep:
             shutil.copy(ptx[0], os.path.join(keep, f"{v.name}.{name}.ptx"))
         row.update(ptxas_resources(ptxas, ptx[0], name))
-        launch = re.search(rf"\b{re.escape(name)} grid: .*?threads: \[(\d+).*?shared_memory: (\d+) bytes", launches)
-        threads, dynamic = (int(launch.group(1)), int(launch.group(2))) if launch else (128, 0)
-        row.update(threads=threads, smem=row.get("smem", 0) + dynamic)
+        launch = re.search(rf"\b{re.escape(name)} grid: \[(\d+).*?threads: \[(\d+).*?shared_memory: (\d+) bytes",
+                           launches)
+        programs, threads, dynamic = map(int, launch.groups()) if launch else (None, 128, 0)
+        row.update(programs=programs, threads=threads, smem=row.get("smem", 0) + dynamic)
         if "regs" in row:
             blocks, occ, limiter = occupancy(row["regs"], threads, row["smem"])
             row["occupancy"] = f"{occ:.0%} ({blocks} blocks, {limiter})"
@@ -369,12 +376,13 @@ def compile_variant(v: Variant, mesh, dump: str, ptxas: str, keep: str | None = 
 
 
 def table(rows: list) -> str:
-    cols = ["variant", "kernel", "compiles", "regs", "spill st/ld B", "smem B", "occupancy"]
+    cols = ["variant", "kernel", "compiles", "programs x threads", "regs", "spill st/ld B", "smem B", "occupancy"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         ok = "yes" if "error" not in r and not r.get("verify") else f"NO: {r.get('verify') or r['error']}"
         lines.append("| " + " | ".join([
-            r["variant"], r["kernel"], ok, str(r.get("regs", "")),
+            r["variant"], r["kernel"], ok, f"{r['programs']} x {r['threads']}" if r.get("programs") else "",
+            str(r.get("regs", "")),
             f"{r['spill_store']}/{r['spill_load']}" if "spill_store" in r else "",
             str(r.get("smem", "")), r.get("occupancy", ""),
         ]) + " |")
@@ -391,7 +399,12 @@ def main() -> int:
     parser.add_argument("--list", action="store_true", help="print the variant names of --group and exit")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--keep", help="copy each kernel's PTX into this folder")
+    parser.add_argument("--launch", nargs=2, type=int, metavar=("TILE", "WARPS"),
+                        help="lanes per program and warps for every kernel without block values "
+                             "(default: kernels/_triton.choose_launch's for B on 132 SMs)")
     opts = parser.parse_args()
+    if opts.launch:
+        _triton.LAUNCH_OVERRIDE = _triton.LaunchConfig(lane_tile=opts.launch[0], num_warps=opts.launch[1])
     grouped = [v for g in opts.group for v in GROUPS[g]]
     if opts.list:
         print("\n".join(v.name for v in grouped))

@@ -588,11 +588,14 @@ def compare_finished_rows(run: Run) -> None:
 
 def compare_launch_shapes(run: Run) -> None:
     """The seed and seed-nl gradients (2,250 lanes) at 16, 32, 64 and 128 lanes per program,
-    with 1, 1, 2 and 4 warps (a warp per 32 lanes; 16 lanes leave half a warp idle; 128 and 4
-    is the default launch): 141, 71, 36 and 18 programs on the GPU's SMs. The measurement issue
-    12 asks for before lanes per program are chosen from B and the SM count
-    (``kernels/_triton.py``). Every launch computes the same gradient (the same per-lane
-    arithmetic; neither workload has a shared argument)."""
+    with 1, 1, 2 and 4 warps (a warp per 32 lanes; 16 lanes leave half a warp idle): 141, 71,
+    36 and 18 programs on the GPU's SMs. ``kernels/_triton.choose_launch`` picks 16 lanes for
+    this batch on an H100 (the largest tile whose programs cover all 132 SMs) from a model:
+    each warp's step is latency-bound and its instructions do not change with the tile, so
+    covering more SMs cannot be slower. These rows test that model; 128 lanes and 4 warps (the
+    launch before it, 18 programs) is the reference the gradients are compared with. Every
+    launch computes the same gradient (the same per-lane arithmetic; neither workload has a
+    shared argument)."""
     from fusedrk.kernels import _triton
 
     shapes = [(16, 1), (128, 4)] if run.quick else [(16, 1), (32, 1), (64, 2), (128, 4)]

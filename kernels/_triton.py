@@ -41,36 +41,65 @@ class LaunchConfig:
             raise ValueError(f"{self.lane_tile=} must be a power of two")
 
 
-# 128 lanes per program puts one lane per thread of a 4-warp program; fewer lanes than that
-# leave threads idle, more serialise the in-kernel time loop over fewer programs. Small batches
-# use the next power of two (at least 16, Triton's smallest comfortable block). A field with
-# block values (``_grid.Block``: weight matrices) takes the smallest tile and 8 warps: its block
-# products ([lanes, *weight shape]) then spread over 256 threads instead of each thread holding
-# much of a lane's products. The catalogue MLP (4 -> 32 -> 4, float32, B = 65,536; deviceless
-# H100 compile, 2026-11-29), registers and spill stores, forward / reverse kernel:
+# A program runs one lane per thread: ``lane_tile / 32`` warps (one warp under 32 lanes; 16
+# lanes leave half of it idle), so each warp executes the same instructions per step whatever
+# the tile. Each step is a chain of dependent operations (latency, not issue rate, bounds a
+# warp), so a program's time per step does not shrink with fewer lanes; what the tile decides
+# is how many SMs hold programs, and with them the issue slots, load/store units and memory
+# bandwidth a step's tape rows share. So the largest tile (at most 128 lanes: four warps, one
+# per scheduler of an SM) whose programs still cover every SM, and the smallest (16, Triton's
+# smallest comfortable block) when B is too small for that: the seed's 2,250 lanes on an H100's
+# 132 SMs make 141 programs of 16 lanes instead of 18 of 128, leaving no SM idle. Batches of at
+# least 128 x the SM count (16,896 on an H100) keep 128 lanes and 4 warps. Deviceless H100
+# compile (jax 0.11.2, 2026-12-07): registers per thread and the step loop's PTX do not grow at
+# the smaller tiles (bench/README.md, "Launch shape"); the time per shape is what
+# bench/gpu_check.py's ``compare launch`` rows measure on a GPU. Without a GPU to size for
+# (interpret mode on a CPU) the SM count is unknown and the tile is the next power of two of B
+# up to 128: interpret mode runs programs one after another, so fewer is faster.
+#
+# A field with block values (``_grid.Block``: weight matrices) takes the smallest tile and 8
+# warps: its block products ([lanes, *weight shape]) then spread over 256 threads instead of each
+# thread holding much of a lane's products. The catalogue MLP (4 -> 32 -> 4, float32, B = 65,536;
+# deviceless H100 compile, 2026-11-29), registers and spill stores, forward / reverse kernel:
 #   128 lanes, 4 warps: 255 regs 764 B / 255 regs 40,028 B
 #    16 lanes, 4 warps: 168 regs 0 B   / 255 regs 7,124 B
 #    16 lanes, 8 warps: 126 regs 0 B   / 255 regs 1,040 B
 MAX_LANE_TILE = 128
 MIN_LANE_TILE = 16
+WARP = 32
 BLOCK_WARPS = 8
 
 
 # For measurement only: a launch every kernel of a field without block values takes instead
-# of choose_launch's (bench/gpu_check.py's launch sweep sets it around one solve). Issue 12
-# asks for lanes per program chosen from B and the SM count: a batch of 2,250 lanes makes 18
-# programs of 128 on an H100's 132 SMs; whether smaller tiles (more programs, fewer warps
-# each) run its latency-bound loops faster is what the sweep measures. None in normal use.
+# of choose_launch's (bench/gpu_check.py's launch sweep sets it around one solve). None in
+# normal use.
 LAUNCH_OVERRIDE: Optional[LaunchConfig] = None
 
 
-def choose_launch(batch: int, blocks: bool = False) -> LaunchConfig:
+def sm_count() -> Optional[int]:
+    """Streaming multiprocessors of the GPU the kernels are built for: the abstract H100's
+    inside ``gpu_lowering``, the default device's on a GPU, None without one (interpret mode)."""
+    if _lowering_for_gpu:
+        return _abstract_sm_count
+    if jax.default_backend() == "gpu":
+        return getattr(jax.devices()[0], "core_count", None) or ABSTRACT_GPU_SMS
+    return None
+
+
+def choose_launch(batch: int, blocks: bool = False, sms: Optional[int] = None) -> LaunchConfig:
+    """Lanes per program and warps for a batch of ``batch`` lanes on ``sms`` SMs (None: the
+    target's, ``sm_count()``); see the comment above for the rule and its measurements."""
     if LAUNCH_OVERRIDE is not None and not blocks:
         return LAUNCH_OVERRIDE
+    if blocks:
+        return LaunchConfig(lane_tile=MIN_LANE_TILE, num_warps=BLOCK_WARPS)
+    sms = sm_count() if sms is None else sms
     tile = MIN_LANE_TILE
-    while tile < min(batch, MIN_LANE_TILE if blocks else MAX_LANE_TILE):
+    while tile < min(batch, MAX_LANE_TILE):
         tile *= 2
-    return LaunchConfig(lane_tile=tile, num_warps=BLOCK_WARPS if blocks else 4)
+    while sms is not None and tile > MIN_LANE_TILE and -(-batch // tile) < sms:
+        tile //= 2
+    return LaunchConfig(lane_tile=tile, num_warps=max(1, tile // WARP))
 
 
 def padded_batch(batch: int, blocks: bool = False) -> int:
@@ -164,7 +193,9 @@ def any_lane(mask: jax.Array) -> jax.Array:
 # The abstract device a lowering without a GPU targets on jax >= 0.11 (jax 0.10 assumes
 # compute capability 9.0 when it finds no GPU). Its name selects the Triton target.
 ABSTRACT_GPU_KIND = "NVIDIA H100 80GB HBM3"
+ABSTRACT_GPU_SMS = 132
 _lowering_for_gpu = False
+_abstract_sm_count = ABSTRACT_GPU_SMS
 
 
 def lowering_for_gpu() -> bool:
@@ -182,7 +213,7 @@ def gpu_lowering(mesh=None) -> Iterator[list]:
     callback, which cannot lower for another platform. ``mesh``: an abstract mesh to lower
     under (a deviceless compile passes its topology's); by default one abstract H100.
     """
-    global _lowering_for_gpu
+    global _lowering_for_gpu, _abstract_sm_count
     from jax._src.pallas.triton import lowering as triton_lowering
 
     captured: list = []
@@ -195,17 +226,20 @@ def gpu_lowering(mesh=None) -> Iterator[list]:
 
     with contextlib.ExitStack() as stack:
         if mesh is None and hasattr(jax.sharding, "AbstractDevice"):  # jax >= 0.11 needs a target
-            device = jax.sharding.AbstractDevice(device_kind=ABSTRACT_GPU_KIND, num_cores=132, platform="gpu")
+            device = jax.sharding.AbstractDevice(device_kind=ABSTRACT_GPU_KIND, num_cores=ABSTRACT_GPU_SMS,
+                                                 platform="gpu")
             mesh = jax.sharding.AbstractMesh((1,), ("lanes",), abstract_device=device)
         if mesh is not None:
             stack.enter_context(jax.sharding.use_abstract_mesh(mesh))
+        cores = getattr(getattr(mesh, "abstract_device", None), "num_cores", None)
         triton_lowering.lower_jaxpr_to_triton_module = capturing
-        previous, _lowering_for_gpu = _lowering_for_gpu, True
+        previous = _lowering_for_gpu, _abstract_sm_count
+        _lowering_for_gpu, _abstract_sm_count = True, cores or ABSTRACT_GPU_SMS
         try:
             yield captured
         finally:
             triton_lowering.lower_jaxpr_to_triton_module = original
-            _lowering_for_gpu = previous
+            _lowering_for_gpu, _abstract_sm_count = previous
 
 
 def verify_error(module) -> Optional[str]:

@@ -194,6 +194,14 @@ MUTANTS = [
     Mutant("kernels/reverse.py", "jnp.int32(s * len(columns) + position[i])", "jnp.int32(s * len(columns) + i)",
            ("tests/test_tape.py::test_a_tape_of_the_components_the_vjp_reads_gives_the_same_gradients",),
            "the reverse kernel reads a stored component from the column of its index in the state"),
+    # -- launch shape (issue 12)
+    Mutant("kernels/_triton.py", "tile > MIN_LANE_TILE and -(-batch // tile) < sms",
+           "tile > MIN_LANE_TILE and -(-batch // tile) <= sms",
+           ("tests/test_kernels.py::test_launch_fills_every_sm_before_growing_tiles",),
+           "a batch that exactly covers the SMs with 128-lane tiles is split into smaller ones"),
+    Mutant("kernels/_triton.py", "sms = sm_count() if sms is None else sms", "sms = sms",
+           ("tests/test_kernels.py::test_a_launch_sized_for_more_sms_gives_the_same_solution",),
+           "the kernels ignore the GPU's SM count"),
 ]
 
 

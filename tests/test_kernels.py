@@ -290,3 +290,57 @@ def test_gradients_of_lanes_finishing_apart_equal_the_jax_backend(x64, tape_rows
     np.testing.assert_array_equal(ours.stats["num_steps"], steps)
     assert all(np.all(np.isfinite(g)) for g in g_ours)
     assert_tree_close(g_ours, g_ref, rtol=1e-12)
+
+
+@pytest.mark.parametrize("sms", [1, 8, 132])
+def test_launch_fills_every_sm_before_growing_tiles(sms):
+    # kernels/_triton.choose_launch: one lane per thread (lane_tile / 32 warps, at least one);
+    # the largest tile up to 128 whose programs still cover every SM, else the smallest.
+    from fusedrk.kernels import _triton
+
+    for B in list(range(1, 300)) + [2250, 16767, 16768, 16769, 16896, 65536, 8388608]:
+        launch = _triton.choose_launch(B, sms=sms)
+        tile, programs = launch.lane_tile, -(-B // launch.lane_tile)
+        assert launch.num_warps == max(1, tile // 32), (B, launch)
+        assert 16 <= tile <= 128
+        assert programs >= sms or tile == 16, (B, launch)  # no SM idle that a smaller tile would fill
+        assert tile == 128 or -(-B // (2 * tile)) < sms or tile >= B, (B, launch)  # no larger tile would do
+    assert _triton.choose_launch(2250, sms=132) == _triton.LaunchConfig(16, 1)  # the seed: 141 programs
+    assert _triton.choose_launch(65536, sms=132) == _triton.LaunchConfig(128, 4)
+    assert _triton.choose_launch(16768, sms=132) == _triton.LaunchConfig(64, 2)  # 131 programs of 128 leave an SM
+    assert _triton.choose_launch(20, blocks=True, sms=sms) == _triton.LaunchConfig(16, 8)
+
+
+def test_a_launch_sized_for_more_sms_gives_the_same_solution(x64, monkeypatch):
+    # The tile follows the SM count (none in interpret mode on a CPU: one tile of 32 for 20
+    # lanes); sized for 2 SMs the same lanes run as 2 programs of 16, lanes finishing far apart
+    # and a shared argument's cotangent summed over the tiles. Values, step counts and
+    # gradients are the same.
+    from fusedrk.kernels import _triton
+
+    y0, rate = jnp.linspace(0.5, 1.5, 20), jnp.geomspace(0.5, 20.0, 20)
+    tiles = []
+    call = _triton.call
+
+    def counting_call(*args, num_tiles, **kwargs):
+        tiles.append(num_tiles)
+        return call(*args, num_tiles=num_tiles, **kwargs)
+
+    monkeypatch.setattr(_triton, "call", counting_call)
+
+    def run(y0, rate, s):
+        sol = fusedrk.solve(lambda t, y, a: _spread_field(t, y, a), y0, 0.0, 2.0, args=(rate, s),
+                            args_axes=(0, None), dt0=0.05, rtol=1e-7, atol=1e-9, ts=jnp.asarray([0.3, 2.0]),
+                            backend="pallas", interpret=True)
+        return _loss(sol.ys), sol
+
+    grad = jax.value_and_grad(run, argnums=(0, 1, 2), has_aux=True)
+    (_, one), g_one = grad(y0, rate, jnp.asarray(0.3))
+    monkeypatch.setattr(_triton, "sm_count", lambda: 2)
+    (_, two), g_two = grad(y0, rate, jnp.asarray(0.3))
+    assert tiles == [1, 1, 2, 2], tiles  # forward and reverse kernels, each launch
+    steps = np.asarray(one.stats["num_steps"])
+    assert steps.max() - steps.min() > 10, steps
+    np.testing.assert_array_equal(two.stats["num_steps"], steps)
+    np.testing.assert_array_equal(two.ys, one.ys)
+    assert_tree_close(g_two, g_one, rtol=1e-13)
