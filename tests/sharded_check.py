@@ -1,7 +1,11 @@
 """Sharded solves against the unsharded one, on 4 host devices (run by tests/test_sharding.py
 in a subprocess, so that the rest of the suite keeps one device).
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=4 python tests/sharded_check.py [--quick]
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 python tests/sharded_check.py [--quick] [--part P]
+
+``--quick``: B = 4 and 7 only (the full run adds B = 1,000 for both backends). ``--part``: only
+the jax backend's cases on the Explicit mesh, the kernels', or the rest (Auto mesh, one-device
+mesh, replays, eager call and a failing lane), so the suite can run the parts side by side.
 
 For each backend ("jax"; "pallas" in interpret mode), fixed and adaptive steps and B lanes:
 values, step counts, result codes and gradients (per-lane and shared arguments, and y0) of a
@@ -183,28 +187,37 @@ def eager_and_failing(mesh) -> list:
     return bad
 
 
-def main(quick: bool) -> int:
+PARTS = ("jax", "pallas", "rest")
+
+
+def main(quick: bool, parts=PARTS) -> int:
     jax.config.update("jax_enable_x64", True)
     if len(jax.devices()) < 4:
         print(f"needs 4 devices, found {jax.devices()}")
         return 2
     mesh = jax.make_mesh((4,), ("lanes",))
-    cases = [("jax", a, B) for a in (False, True) for B in (4, 7, 1000)]
-    cases += [("pallas", a, B) for a in (False, True) for B in ((4, 7) if quick else (4, 7, 1000))]
+    sizes = (4, 7) if quick else (4, 7, 1000)
+    cases = [(backend, a, B) for backend in ("jax", "pallas") if backend in parts for a in (False, True)
+             for B in sizes]
     bad = [] if checker_sees_a_collective_in_a_loop(mesh) else ["the HLO check misses a psum inside a loop"]
     for case in cases:
         bad += check(*case, mesh)
-    auto = jax.sharding.Mesh(np.asarray(jax.devices()[:4]), ("lanes",), axis_types=(jax.sharding.AxisType.Auto,))
-    for B in (8, 7):
-        bad += check("jax", True, B, auto)
-    # One device of an Explicit mesh: the lanes' type names the mesh axis all the same.
-    bad += check("jax", True, 7, jax.make_mesh((1,), ("lanes",), devices=jax.devices()[:1]))
-    # A ring smaller than the solve: each device replays from its own checkpoints.
-    bad += check("jax", True, 8, mesh, tape_rows=3)
-    bad += eager_and_failing(mesh)
+    if "rest" in parts:
+        auto = jax.sharding.Mesh(np.asarray(jax.devices()[:4]), ("lanes",),
+                                 axis_types=(jax.sharding.AxisType.Auto,))
+        for B in (8, 7):
+            bad += check("jax", True, B, auto)
+        # One device of an Explicit mesh: the lanes' type names the mesh axis all the same.
+        bad += check("jax", True, 7, jax.make_mesh((1,), ("lanes",), devices=jax.devices()[:1]))
+        # A ring smaller than the solve: each device replays from its own checkpoints.
+        bad += check("jax", True, 8, mesh, tape_rows=3)
+        bad += eager_and_failing(mesh)
     print("\n".join(bad) if bad else "all sharded solves equal the unsharded ones")
     return 1 if bad else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main("--quick" in sys.argv))
+    part = sys.argv[sys.argv.index("--part") + 1] if "--part" in sys.argv else None
+    if part is not None and part not in PARTS:
+        sys.exit(f"--part must be one of {PARTS}, not {part!r}")
+    sys.exit(main("--quick" in sys.argv, PARTS if part is None else (part,)))
