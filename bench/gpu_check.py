@@ -198,8 +198,8 @@ def correctness_cases(quick: bool) -> list:
         Case("f32-adaptive-t1", L, 7, "float32", 0.0, 0.5, dict(rtol=1e-5, atol=1e-5)),
         Case("seed-80000-steps", S, size.seed_lanes, "float32", 0.0, size.seed_t1,
              dict(dt0=0.1)),
-        # A small tape ring: the reverse kernel re-runs earlier segments from checkpoints (two
-        # lane tiles of 128 that finish at different iterations; rows written, then read).
+        # A small tape ring: the reverse kernel re-runs earlier segments from checkpoints (lane
+        # tiles that finish at different iterations; rows written, then read).
         Case("f64-ring-7-adaptive-ts", V, 129, "float64", 0.0, 3.0,
              dict(dt0=0.01, rtol=1e-8, atol=1e-8, ts=ts(0.0, 3.0, 7), tape_rows=7), quick_t1=1.0),
         Case("f32-ring-5-fixed-t1", L, 129, "float32", 0.0, 0.5, dict(dt0=0.01, tape_rows=5)),
@@ -299,7 +299,7 @@ def target_seed(run: Run, name: str) -> None:
     tol = rounding_tol(jnp.float32, steps)
     correct = grad_err <= tol
     # The seed's VJP reads no state: its tape holds times and flags only (fusedrk/_liveness.py).
-    tape = tape_bytes(steps + 1, (y0,), 4, backend="pallas", adaptive=False,
+    tape = tape_bytes(steps + 1, (y0,), 4, backend="pallas", adaptive=False, interpret=run.interpret,
                       tape_live=_liveness.field_read_components(p.field, y0[0]))
     run.record(part="target", name=name, what=f"{steps} steps x {B} lanes, jit(grad)", ms=t.median_s * 1e3,
                limit_ms=limit, compile_s=t.compile_s, grad_rel_err=grad_err, ys_rel_err=ys_err, tol=tol,
@@ -399,7 +399,7 @@ def target_tape_traffic(run: Run) -> None:
     x = jnp.ones((n,), jnp.float32)
     copy = _time(run, jax.jit(lambda v: v + 1.0), x)
     copy_gbps = 2 * 4 * n / copy.median_s / 1e9
-    tape = tape_bytes(kw["max_steps"], y0, 4, backend="pallas", adaptive=False)
+    tape = tape_bytes(kw["max_steps"], y0, 4, backend="pallas", adaptive=False, interpret=run.interpret)
     extra_s = max(with_tape.median_s - plain.median_s, 1e-9)
     tape_gbps = tape / extra_s / 1e9
     ratio = tape_gbps / copy_gbps

@@ -203,7 +203,8 @@ def solve(
         y_flat)
     plan = tape_plan(tuple(jax.ShapeDtypeStruct((per_device,) + y.shape[1:], y.dtype) for y in y_flat),
                      tdtype, rows=rows, backend=backend, adaptive=adaptive,
-                     known_fixed=num_steps is not None, tape_rows=tape_rows, tape_live=tape_live)
+                     known_fixed=num_steps is not None, tape_rows=tape_rows, tape_live=tape_live,
+                     interpret=interpret)
     config = _reference.Config(adaptive=adaptive, save_ts=ts is not None, rows=rows, tape_rows=plan.rows,
                                tape_live=tape_live)
     core = _make_core(lane_fn, layout, config, plan, choose_dt0=dt0 is None, backend=backend, interpret=interpret,
@@ -505,7 +506,7 @@ def _device_memory_bytes() -> int:
 
 
 def tape_bytes(rows: int, y_flat: tuple, time_itemsize: int, *, backend: str, adaptive: bool,
-               segments: int = 0, tape_live: Optional[tuple] = None) -> int:
+               segments: int = 0, tape_live: Optional[tuple] = None, interpret: bool = False) -> int:
     """Bytes of the gradient tape ``backend`` stores for ``rows`` ring rows and ``segments``
     checkpoints.
 
@@ -513,8 +514,9 @@ def tape_bytes(rows: int, y_flat: tuple, time_itemsize: int, *, backend: str, ad
     times and an accepted flag (fixed steps compute both: ``_reference.fixed_row``); a
     checkpoint the state, the FSAL derivative, a result code and two times (adaptive: per lane;
     fixed: the jax backend keeps the shared pair, the kernels none). The kernels store whole
-    lane tiles (B padded up to a multiple of the tile; counted here with the largest tile, so a
-    field with block values, whose tiles are smaller, may store a little less), times for
+    lane tiles (B padded up to a multiple of the tile ``kernels/_triton.choose_launch`` picks
+    for B, the GPU and ``interpret``; a field with block values, whose tiles are the smallest,
+    may store a little less), times for
     every lane, int32 flags and one-row placeholders for what they do not store. The jax
     backend stores B lanes and a bool flag. Rows hold only the state components in
     ``tape_live`` (``Config.tape_live``: those the field's VJP reads, fusedrk/_liveness.py;
@@ -530,7 +532,7 @@ def tape_bytes(rows: int, y_flat: tuple, time_itemsize: int, *, backend: str, ad
     if backend == "pallas":
         from fusedrk.kernels import _triton
 
-        lanes = _triton.padded_batch(B)
+        lanes = _triton.padded_batch(B, interpret=interpret)
         times = 2 * time_itemsize if adaptive else 0
         row = lanes * (per_lane + times + (4 if adaptive else 0))
         checkpoint = lanes * (2 * state + times + 4)
@@ -575,10 +577,11 @@ class TapePlan(NamedTuple):
 
 
 def tape_plan(y_flat: tuple, tdtype, *, rows: int, backend: str, adaptive: bool, known_fixed: bool,
-              tape_rows: Optional[int] = None, tape_live: Optional[tuple] = None) -> TapePlan:
+              tape_rows: Optional[int] = None, tape_live: Optional[tuple] = None,
+              interpret: bool = False) -> TapePlan:
     """The tape a gradient of this solve stores: R chosen by ``_schedule.choose_tape_rows``
     (or ``tape_rows`` capped at the loop's ``rows``), its segments and its bytes."""
-    sizes = dict(backend=backend, adaptive=adaptive, tape_live=tape_live)
+    sizes = dict(backend=backend, adaptive=adaptive, tape_live=tape_live, interpret=interpret)
     itemsize = np.dtype(tdtype).itemsize
     R = _schedule.choose_tape_rows(
         tape_rows, rows=rows, known_fixed=known_fixed, row_bytes=tape_bytes(1, y_flat, itemsize, **sizes),

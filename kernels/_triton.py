@@ -49,13 +49,13 @@ class LaunchConfig:
 # bandwidth a step's tape rows share. So the largest tile (at most 128 lanes: four warps, one
 # per scheduler of an SM) whose programs still cover every SM, and the smallest (16, Triton's
 # smallest comfortable block) when B is too small for that: the seed's 2,250 lanes on an H100's
-# 132 SMs make 141 programs of 16 lanes instead of 18 of 128, leaving no SM idle. Batches of at
-# least 128 x the SM count (16,896 on an H100) keep 128 lanes and 4 warps. Deviceless H100
+# 132 SMs make 141 programs of 16 lanes instead of 18 of 128, leaving no SM idle. Batches of
+# more than 128 x (SMs - 1) lanes (16,768 on an H100) keep 128 lanes and 4 warps. Deviceless H100
 # compile (jax 0.11.2, 2026-12-07): registers per thread and the step loop's PTX do not grow at
 # the smaller tiles (bench/README.md, "Launch shape"); the time per shape is what
-# bench/gpu_check.py's ``compare launch`` rows measure on a GPU. Without a GPU to size for
-# (interpret mode on a CPU) the SM count is unknown and the tile is the next power of two of B
-# up to 128: interpret mode runs programs one after another, so fewer is faster.
+# bench/gpu_check.py's ``compare launch`` rows measure on a GPU. In interpret mode (on any
+# machine) and without a GPU the SM count plays no part and the tile is the next power of two
+# of B up to 128: interpret mode runs programs one after another, so fewer is faster.
 #
 # A field with block values (``_grid.Block``: weight matrices) takes the smallest tile and 8
 # warps: its block products ([lanes, *weight shape]) then spread over 256 threads instead of each
@@ -78,22 +78,27 @@ LAUNCH_OVERRIDE: Optional[LaunchConfig] = None
 
 def sm_count() -> Optional[int]:
     """Streaming multiprocessors of the GPU the kernels are built for: the abstract H100's
-    inside ``gpu_lowering``, the default device's on a GPU, None without one (interpret mode)."""
+    inside ``gpu_lowering``, the first local device's on a GPU, None without one."""
     if _lowering_for_gpu:
         return _abstract_sm_count
     if jax.default_backend() == "gpu":
-        return getattr(jax.devices()[0], "core_count", None) or ABSTRACT_GPU_SMS
+        return getattr(jax.local_devices()[0], "core_count", None) or ABSTRACT_GPU_SMS
     return None
 
 
-def choose_launch(batch: int, blocks: bool = False, sms: Optional[int] = None) -> LaunchConfig:
+def choose_launch(batch: int, blocks: bool = False, *, interpret: bool = False,
+                  sms: Optional[int] = None) -> LaunchConfig:
     """Lanes per program and warps for a batch of ``batch`` lanes on ``sms`` SMs (None: the
-    target's, ``sm_count()``); see the comment above for the rule and its measurements."""
+    target's, ``sm_count()``; interpret mode: none); see the comment above for the rule and
+    its measurements."""
     if LAUNCH_OVERRIDE is not None and not blocks:
         return LAUNCH_OVERRIDE
     if blocks:
         return LaunchConfig(lane_tile=MIN_LANE_TILE, num_warps=BLOCK_WARPS)
-    sms = sm_count() if sms is None else sms
+    if interpret:
+        sms = None
+    elif sms is None:
+        sms = sm_count()
     tile = MIN_LANE_TILE
     while tile < min(batch, MAX_LANE_TILE):
         tile *= 2
@@ -102,9 +107,9 @@ def choose_launch(batch: int, blocks: bool = False, sms: Optional[int] = None) -
     return LaunchConfig(lane_tile=tile, num_warps=max(1, tile // WARP))
 
 
-def padded_batch(batch: int, blocks: bool = False) -> int:
+def padded_batch(batch: int, blocks: bool = False, *, interpret: bool = False) -> int:
     """Lanes the kernels store for a batch: whole tiles (padded lanes repeat the last one)."""
-    tile = choose_launch(batch, blocks).lane_tile
+    tile = choose_launch(batch, blocks, interpret=interpret).lane_tile
     return -(-batch // tile) * tile
 
 

@@ -200,9 +200,9 @@ def forward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff:
     B = y0[0].shape[0]
     tdtype = times.t_start.dtype
     tiles = problem.on_tiles(y0, diff, nondiff, tdtype)
-    launch = _triton.choose_launch(B, tiles.has_blocks)
+    launch = _triton.choose_launch(B, tiles.has_blocks, interpret=interpret)
     TB = launch.lane_tile
-    Bp = _triton.padded_batch(B, tiles.has_blocks)
+    Bp = _triton.padded_batch(B, tiles.has_blocks, interpret=interpret)
     num_tiles = Bp // TB
     T = times.ts.shape[0]
     R = config.tape_rows

@@ -50,10 +50,13 @@ def backward(config: Config, problem: TileProblem, times: Times, y0: tuple, diff
     """Returns (y0_bar, diff_bar) shaped like y0 and diff."""
     B = y0[0].shape[0]
     tiles = problem.on_tiles(y0, diff, nondiff, times.t_start.dtype)
-    launch = _triton.choose_launch(B, tiles.has_blocks)  # the forward's tiles
+    launch = _triton.choose_launch(B, tiles.has_blocks, interpret=interpret)  # the forward's tiles
     TB = launch.lane_tile
     num_tiles = fwd.iterations.shape[0]
     Bp = num_tiles * TB
+    if fwd.save_iter.shape[-1] != Bp:  # a launch that changed between the two traces
+        raise AssertionError(f"the forward kernel stored {fwd.save_iter.shape[-1]} lanes in {num_tiles} tiles, "
+                             f"the reverse kernel's launch has {TB} lanes per tile")
     T = times.ts.shape[0]
     R = config.tape_rows
     dtype = y0[0].dtype

@@ -199,9 +199,12 @@ MUTANTS = [
            "tile > MIN_LANE_TILE and -(-batch // tile) <= sms",
            ("tests/test_kernels.py::test_launch_fills_every_sm_before_growing_tiles",),
            "a batch that exactly covers the SMs with 128-lane tiles is split into smaller ones"),
-    Mutant("kernels/_triton.py", "sms = sm_count() if sms is None else sms", "sms = sms",
-           ("tests/test_kernels.py::test_a_launch_sized_for_more_sms_gives_the_same_solution",),
+    Mutant("kernels/_triton.py", "        sms = sm_count()", "        sms = None",
+           ("tests/test_kernels.py::test_the_launch_follows_the_gpu_it_is_built_for",),
            "the kernels ignore the GPU's SM count"),
+    Mutant("kernels/_triton.py", "    if interpret:\n        sms = None", "    if False:\n        sms = None",
+           ("tests/test_kernels.py::test_launch_fills_every_sm_before_growing_tiles",),
+           "interpret mode sizes its tiles for a GPU's SMs (more programs, run one after another)"),
 ]
 
 

@@ -221,7 +221,7 @@ def test_tape_bytes_is_what_each_backend_allocates(B, adaptive, live):
     for backend, fwd in (("pallas", kernel), ("jax", reference)):
         allocated = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(fwd.tape))
         assert fusedrk._solve.tape_bytes(4, y0, 4, backend=backend, adaptive=adaptive, segments=3,
-                                         tape_live=TAPE_LIVE[live]) == allocated, backend
+                                         tape_live=TAPE_LIVE[live], interpret=True) == allocated, backend
 
 
 def test_step_algebra_is_shared_not_copied():
@@ -305,17 +305,34 @@ def test_launch_fills_every_sm_before_growing_tiles(sms):
         assert 16 <= tile <= 128
         assert programs >= sms or tile == 16, (B, launch)  # no SM idle that a smaller tile would fill
         assert tile == 128 or -(-B // (2 * tile)) < sms or tile >= B, (B, launch)  # no larger tile would do
+        # Interpret mode runs programs one after another: the fewest, whatever the SMs.
+        assert _triton.choose_launch(B, sms=sms, interpret=True).lane_tile == min(128, max(16, 1 << (B - 1).bit_length()))
     assert _triton.choose_launch(2250, sms=132) == _triton.LaunchConfig(16, 1)  # the seed: 141 programs
     assert _triton.choose_launch(65536, sms=132) == _triton.LaunchConfig(128, 4)
     assert _triton.choose_launch(16768, sms=132) == _triton.LaunchConfig(64, 2)  # 131 programs of 128 leave an SM
     assert _triton.choose_launch(20, blocks=True, sms=sms) == _triton.LaunchConfig(16, 8)
 
 
-def test_a_launch_sized_for_more_sms_gives_the_same_solution(x64, monkeypatch):
-    # The tile follows the SM count (none in interpret mode on a CPU: one tile of 32 for 20
-    # lanes); sized for 2 SMs the same lanes run as 2 programs of 16, lanes finishing far apart
-    # and a shared argument's cotangent summed over the tiles. Values, step counts and
-    # gradients are the same.
+def test_the_launch_follows_the_gpu_it_is_built_for():
+    # The SM count comes from the target: the abstract H100 of a lowering without a GPU, the
+    # device on a GPU, nothing without one.
+    from fusedrk.kernels import _triton
+
+    with _triton.gpu_lowering():
+        assert _triton.sm_count() == 132
+        assert _triton.choose_launch(2250) == _triton.LaunchConfig(16, 1)
+        assert _triton.padded_batch(2250) == 2256 and _triton.padded_batch(2250, interpret=True) == 2304
+    if HAS_GPU:
+        assert _triton.sm_count() == jax.local_devices()[0].core_count
+    else:
+        assert _triton.sm_count() is None and _triton.choose_launch(2250) == _triton.LaunchConfig(128, 4)
+
+
+def test_the_launch_shape_does_not_change_the_solution(x64, monkeypatch):
+    # Interpret mode runs the 20 lanes as one tile of 32; forced to 16 lanes per program
+    # (kernels/_triton.LAUNCH_OVERRIDE, as bench/gpu_check.py's launch rows) they run as 2 tiles,
+    # lanes finishing far apart and a shared argument's cotangent summed over the tiles. Values,
+    # step counts and gradients are the same.
     from fusedrk.kernels import _triton
 
     y0, rate = jnp.linspace(0.5, 1.5, 20), jnp.geomspace(0.5, 20.0, 20)
@@ -336,7 +353,7 @@ def test_a_launch_sized_for_more_sms_gives_the_same_solution(x64, monkeypatch):
 
     grad = jax.value_and_grad(run, argnums=(0, 1, 2), has_aux=True)
     (_, one), g_one = grad(y0, rate, jnp.asarray(0.3))
-    monkeypatch.setattr(_triton, "sm_count", lambda: 2)
+    monkeypatch.setattr(_triton, "LAUNCH_OVERRIDE", _triton.LaunchConfig(16, 1))
     (_, two), g_two = grad(y0, rate, jnp.asarray(0.3))
     assert tiles == [1, 1, 2, 2], tiles  # forward and reverse kernels, each launch
     steps = np.asarray(one.stats["num_steps"])
